@@ -1,0 +1,359 @@
+"""FreeKVCache: the per-rank FreeKV orchestrator driven by the attention backend.
+
+Owns the slot/page tables, residency, digests, ``last_q``, the host tier and the recall
+engine, and implements design.md: ``admit`` / ``commit_prefill`` / ``release`` per request,
+``plan_decode`` once per step, and ``prepare_layer`` / ``before_attention`` /
+``after_attention`` per (non-dense) layer.
+
+Races of freekv-method.md §8 and how they are closed here:
+(5) the speculative scatter waits ``attn_done`` (CUDA: the job stream waits an event recorded
+after attention; CPU: ``before_scatter.wait()``); (6) the job reads the persistent ``last_q``
+after a q-ready event; (7) ``before_attention`` waits the job's Future *before* its event;
+(8) one ordered worker with its own staging set (the main thread uses another one);
+(9) the head flags are snapshotted per job. ``debug_unsafe`` (tests only) removes each one.
+
+Note: not CUDA-graph capturable (host syncs for any(flags) and for recall lists).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sglang_freekv.cache_ops import CacheTables, apply_selection, write_prompt
+from sglang_freekv.config import FreeKVConfig
+from sglang_freekv.layout import BudgetGeometry
+from sglang_freekv.plan import FreeKVDecodePlan, build_plan
+from sglang_freekv.pool_host import FreeKVHostPool
+from sglang_freekv.recall import FreeKVRecallEngine
+from sglang_freekv.retrieval import select_batch
+
+__all__ = ["FreeKVCache", "FreeKVDecodePlan"]
+
+UNSAFE_KNOBS = frozenset(
+    {"no_attn_done", "shared_q", "no_wait_future", "unordered_worker", "no_flag_snapshot"}
+)
+
+
+@dataclass(slots=True)
+class _LayerStep:
+    """What before_attention hands to after_attention for one layer."""
+
+    sel: torch.Tensor | None = None  # [bs, H, k] int32, selection with q_t (if computed)
+    scores: torch.Tensor | None = None  # [bs, H, k] fp32
+    flags: torch.Tensor | None = None  # [bs, H] bool view of the shared flags buffer
+
+
+class FreeKVCache:
+    """Per-rank FreeKV state and decode-step hooks (see module docstring)."""
+
+    def __init__(
+        self,
+        config: FreeKVConfig,
+        *,
+        num_layers: int,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        max_reqs: int,
+        max_pages_per_req: int,
+        num_host_pages: int,
+        k_buffers: list[torch.Tensor],
+        v_buffers: list[torch.Tensor],
+        pin_memory: bool | None = None,
+        recall_group_blocks: int = 64,
+    ) -> None:
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of "
+                             f"num_kv_heads ({num_kv_heads})")
+        self.cfg = config
+        self.g = BudgetGeometry.of(config)
+        self.device = torch.device(device)
+        self.num_layers, self.num_qo_heads = num_layers, num_qo_heads
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        self.max_reqs, self.max_pages = max_reqs, max_pages_per_req
+        self.k_buffers, self.v_buffers = k_buffers, v_buffers
+        dense = {i for i in config.dense_layers if i < num_layers}
+        self.sparse_layers = [i for i in range(num_layers) if i not in dense]
+        self._is_sparse = [i not in dense for i in range(num_layers)]
+        if pin_memory is None:
+            pin_memory = self.device.type == "cuda"
+        self.host = FreeKVHostPool(num_layers, num_host_pages, num_kv_heads, config.page_size,
+                                   head_dim, dtype, pin_memory)
+        self.recall = FreeKVRecallEngine(self.host, k_buffers, v_buffers, device=self.device,
+                                         group_blocks=recall_group_blocks)
+        dev, h, k = self.device, num_kv_heads, config.top_k
+        self.t = CacheTables.create(self.g, max_reqs, max_pages_per_req, dev)
+        # fmt: off
+        self.residency = torch.full((num_layers, max_reqs, h, k), -1, dtype=torch.int32,
+                                    device=dev)  # [L, max_reqs, H, k] logical page per slot
+        self.digests = torch.zeros((num_layers, num_host_pages, h, 2, head_dim), dtype=dtype,
+                                   device=dev)  # [L, host pages, H, 2, D] min/max of keys
+        self.last_q = torch.zeros((num_layers, max_reqs, num_qo_heads, head_dim), dtype=dtype,
+                                  device=dev)  # [L, max_reqs, Hq, D] q of the previous step
+        self.spec_valid_for = torch.full((num_layers, max_reqs), -1,
+                                         dtype=torch.int64)  # cpu: seq_len a job served
+        self._flags_buf = torch.zeros((max_reqs, h), dtype=torch.bool,
+                                      device=dev)  # shared per-step flags (snapshot per job)
+        # fmt: on
+        self._jobs: dict[int, Future[Any]] = {}
+        self._steps: dict[int, _LayerStep] = {}
+        self._lock = threading.Lock()
+        self._stats = {"recall_bytes": 0, "recalled_pages": 0, "checked_heads": 0,
+                       "corrected_heads": 0}
+        self.corrections_per_layer = [0] * num_layers
+        self.checks_per_layer = [0] * num_layers
+        self.debug_unsafe: set[str] = set()  # TEST ONLY: names in UNSAFE_KNOBS
+
+    # ------------------------------------------------------------------ requests
+    def admit(self, req_row: int, slot_loc: torch.Tensor) -> None:
+        """Give request row ``req_row`` its budget slots.
+
+        ``slot_loc``: ``[budget_pages]`` int64 (any device), first device row of each slot
+        (``P`` contiguous rows each).
+        """
+        self.t.set_slots(req_row, slot_loc)
+        self.residency[:, req_row] = -1
+        self.spec_valid_for[:, req_row] = -1
+
+    def commit_prefill(self, req_row: int, prompt_len: int, prompt_loc: torch.Tensor) -> None:
+        """Write the prompt through to the host tier and fill the budget slots.
+
+        ``prompt_loc``: ``[prompt_len]`` int64, device rows of the prompt tokens in every
+        layer's ``k_buffer``/``v_buffer``. Allocates ``ceil(prompt_len / P)`` host pages
+        (raises FreeKVHostPoolFull), writes full pages (HND) and their digests, copies sink,
+        first ``min(M, k)`` middle and window pages into the slots (D2D, non-dense layers).
+        The engine may free ``prompt_loc`` once this returns (copies are stream ordered).
+        """
+        g = self.g
+        n_pages = -(-prompt_len // g.page_size)
+        if n_pages > self.max_pages:
+            raise ValueError(f"prompt of {prompt_len} tokens needs {n_pages} pages > "
+                             f"max_pages_per_req ({self.max_pages})")
+        ids = self.host.alloc(req_row, n_pages)  # [n_pages] int64 cpu
+        self.t.set_host_pages(req_row, ids)
+        n_res = write_prompt(self, req_row, prompt_len, prompt_loc, ids)
+        self.residency[:, req_row] = -1
+        if n_res:
+            self.residency[:, req_row, :, :n_res] = torch.arange(
+                g.sink_pages, g.sink_pages + n_res, dtype=torch.int32, device=self.device)
+        self.spec_valid_for[:, req_row] = -1
+
+    def release(self, req_row: int) -> None:
+        """Wait in-flight jobs, free the row's host pages and clear its tables."""
+        for layer in list(self._jobs):
+            self._wait_job(layer)  # SYNC: a job may still scatter into this row's slots
+        self.recall.wait_all()
+        self.host.free_owner(req_row)
+        self.t.clear(req_row)
+        self.residency[:, req_row] = -1
+        self.spec_valid_for[:, req_row] = -1
+
+    def close(self) -> None:
+        self.recall.wait_all()
+        self.recall.close()
+
+    # ------------------------------------------------------------------ step
+    def plan_decode(
+        self,
+        req_rows: torch.Tensor,
+        seq_lens: torch.Tensor,
+        seq_lens_cpu: torch.Tensor | None = None,
+        req_rows_cpu: torch.Tensor | None = None,
+    ) -> FreeKVDecodePlan:
+        """Host-side plan of one decode step (see FreeKVDecodePlan).
+
+        ``req_rows`` ``[bs]`` int64, ``seq_lens`` ``[bs]`` int64 incl. the current token
+        (KV device); ``*_cpu`` host copies if available (else copied, a sync). Allocates a
+        host page for each page opened by this token (raises FreeKVHostPoolFull).
+        """
+        rows_c = (req_rows_cpu if req_rows_cpu is not None else req_rows).to("cpu", torch.int64)
+        n_c = (seq_lens_cpu if seq_lens_cpu is not None else seq_lens).to("cpu", torch.int64)
+        self.t.open_pages(self.host, rows_c, n_c)
+        return build_plan(self.g, rows_c, n_c, self.t.slot_loc_cpu, self.t.host_pages_cpu,
+                          self.t.host_pages, req_rows.to(self.device, torch.int64),
+                          seq_lens.to(self.device, torch.int64), self.device)
+
+    def prepare_layer(self, layer: int, plan: FreeKVDecodePlan) -> None:
+        """Dense-regime window exit: copy the page leaving the ring into its retrieved slot.
+
+        Call before the engine writes this token's K/V of ``layer`` at ``plan.token_loc``
+        (that write reuses the ring slot). Rows affected are dense, so no job touches them.
+        """
+        if not self._is_sparse[layer] or plan.num_exit == 0:
+            return
+        offs = torch.arange(self.g.page_size, device=self.device)
+        src = (plan.exit_src_loc[:, None] + offs).reshape(-1)  # [ne * P] rows
+        dst = (plan.exit_dst_loc[:, None] + offs).reshape(-1)
+        for buf in (self.k_buffers[layer], self.v_buffers[layer]):
+            buf[dst] = buf[src]
+        self.residency[layer][plan.exit_rows, :, plan.exit_slot] = plan.exit_page[:, None]
+
+    def before_attention(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor) -> None:
+        """Wait the layer's speculative job, then correct flagged heads synchronously.
+
+        ``q``: ``[bs, Hq, D]`` model dtype, post-RoPE query of this step. Host syncs: the
+        job Future, and one D2H of the flag counts when ``tau`` is set.
+        """
+        if not self._is_sparse[layer] or not plan.any_sparse:
+            return
+        self._wait_job(layer)
+        h, bs = self.num_kv_heads, plan.bs
+        sparse_c = plan.sparse_cpu
+        if self.cfg.speculative:
+            valid_c = (self.spec_valid_for[layer, plan.req_rows_cpu] == plan.seq_lens_cpu)
+            valid_c &= sparse_c
+            flags = (sparse_c & ~valid_c).to(self.device)[:, None].expand(bs, h)
+            n_flag = int((sparse_c & ~valid_c).sum()) * h
+            n_corr, n_checked = 0, int(valid_c.sum()) * h
+            if self.cfg.tau is not None and n_checked:
+                from sglang_freekv.kernels.correct import correction_flags
+
+                corr, _ = correction_flags(q, self.last_q[layer, plan.req_rows], h,
+                                           float(self.cfg.tau))
+                corr = corr & valid_c.to(self.device)[:, None]
+                flags = flags | corr
+                # SYNC: any(flags) decides whether to select/recall before attention.
+                n_corr, n_flag = (int(x) for x in torch.stack([corr.sum(), flags.sum()]).cpu())
+            elif self.cfg.tau is None:
+                n_checked = 0
+        else:
+            flags = sparse_c.to(self.device)[:, None].expand(bs, h)
+            n_flag, n_corr, n_checked = int(sparse_c.sum()) * h, 0, 0
+        buf = self._flags_buf[:bs]
+        buf.copy_(flags)
+        step = _LayerStep(flags=buf)
+        self._steps[layer] = step
+        with self._lock:
+            self._stats["checked_heads"] += n_checked
+            self._stats["corrected_heads"] += n_corr
+            self.checks_per_layer[layer] += n_checked
+            self.corrections_per_layer[layer] += n_corr
+        if n_flag == 0:
+            return
+        sel, scores = select_batch(q, self.digests[layer], plan.page_table, plan.cand_start,
+                                   plan.cand_end, plan.sparse, h, self.cfg.top_k)
+        step.sel, step.scores = sel, scores
+        end = apply_selection(self, layer, plan.req_rows, plan.slot_loc, plan.page_table, sel,
+                              scores, buf, mode="sync", before_scatter=None)
+        if end is not None:
+            # STREAM: attention (current stream) reads the slots after the sync recall.
+            torch.cuda.current_stream(self.device).wait_event(end)
+
+    def after_attention(
+        self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor, attn_done: Any = None
+    ) -> None:
+        """Write through completed pages, store ``last_q`` and submit the speculative job.
+
+        ``q``: ``[bs, Hq, D]``, this step's query (the engine may reuse its memory after the
+        call). ``attn_done``: optional fence ordering the job's scatter after attention
+        (``torch.cuda.Event`` if attention ran on another stream; CPU: ``.wait()`` object).
+        """
+        if not self._is_sparse[layer]:
+            return
+        if plan.num_comp:
+            self._write_through(layer, plan)
+        if not self.cfg.speculative or not plan.any_next_sparse:
+            self._steps.pop(layer, None)
+            return
+        unsafe = self.debug_unsafe
+        self.last_q[layer].index_copy_(0, plan.req_rows, q.to(self.dtype))  # persistent
+        jr_c = torch.nonzero(plan.next_sparse_cpu).flatten()  # [bj] batch positions
+        jr = jr_c.to(self.device)
+        rows_j = plan.req_rows[jr]
+        step = self._steps.pop(layer, None)
+        sel = scores = None
+        head_mask: torch.Tensor | None = None
+        flags_src: torch.Tensor | None = None
+        if step is not None and step.sel is not None and not plan.cand_changes_next:
+            # Reuse sel_t; corrected heads already hold it, so only the other heads.
+            sel, scores = step.sel[jr], step.scores[jr]  # type: ignore[index]
+            if "no_flag_snapshot" in unsafe:
+                flags_src = step.flags  # BUG on purpose: read later from the shared buffer
+            else:
+                head_mask = ~step.flags[jr]  # type: ignore[index]  # snapshot (race 9)
+        q_src = q if "shared_q" in unsafe else self.last_q[layer]
+        if "shared_q" in unsafe:
+            q_rows = jr  # caller's q is indexed by batch position
+        else:
+            q_rows = rows_j
+        page_table, slot_loc = plan.page_table[jr], plan.slot_loc[jr]
+        cand_start, cand_end = plan.cand_start[jr], plan.next_cand_end[jr]
+        self.spec_valid_for[layer, plan.req_rows_cpu[jr_c]] = plan.seq_lens_cpu[jr_c] + 1
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))  # q-ready + attn done
+            js = self.recall.job_stream
+            for t in (rows_j, page_table, slot_loc, cand_start, cand_end, jr, q_rows):
+                t.record_stream(js)  # REUSE: main-stream tensors read on the job stream
+        scatter_fence = None if "no_attn_done" in unsafe else attn_done
+
+        def job() -> torch.cuda.Event | None:
+            ctx = torch.cuda.stream(self.recall.job_stream) if ready is not None else None
+            if ctx is not None:
+                ctx.__enter__()
+                js = self.recall.job_stream
+                js.wait_event(ready)  # STREAM: q/last_q written, attention enqueued (5, 6)
+                if isinstance(scatter_fence, torch.cuda.Event):
+                    js.wait_event(scatter_fence)  # STREAM: attention on another stream (5)
+            try:
+                s, sc, mask = sel, scores, head_mask
+                if s is None:
+                    qj = q_src[q_rows]  # [bj, Hq, D]
+                    s, sc = select_batch(qj, self.digests[layer], page_table, cand_start,
+                                         cand_end, None, self.num_kv_heads, self.cfg.top_k)
+                if mask is None:
+                    mask = ~flags_src[jr] if flags_src is not None else torch.ones(
+                        s.shape[:2], dtype=torch.bool, device=s.device)
+                fence = scatter_fence if ready is None else None
+                return apply_selection(self, layer, rows_j, slot_loc, page_table, s, sc, mask,
+                                       mode="async", before_scatter=fence)
+            finally:
+                if ctx is not None:
+                    ctx.__exit__(None, None, None)
+
+        self._jobs[layer] = self.recall.submit(job)
+
+    # ------------------------------------------------------------------ internals
+    def _wait_job(self, layer: int) -> None:
+        fut = self._jobs.pop(layer, None)
+        if fut is None or "no_wait_future" in self.debug_unsafe:
+            return
+        # SYNC: host waits the worker's Future first, so the event below is this job's own
+        # record and never a stale one from an earlier step (race 7).
+        event = fut.result()
+        if event is not None:
+            # STREAM: the compute stream waits the job's copies/scatters on the GPU.
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def _write_through(self, layer: int, plan: FreeKVDecodePlan) -> None:
+        from sglang_freekv.kernels.digest import page_digest
+        from sglang_freekv.kernels.scatter import backup_gather
+
+        kb, vb = self.k_buffers[layer], self.v_buffers[layer]
+        blocks = backup_gather(kb, vb, plan.comp_src_loc, self.g.page_size)  # [nc,H,2,P,D]
+        self.host.write_blocks(layer, plan.comp_host_ids_cpu, blocks)
+        dig = page_digest(kb, plan.comp_src_loc, self.g.page_size)  # [nc, H, 2, D]
+        self.digests[layer].index_copy_(0, plan.comp_host_ids, dig)
+
+    def add_recall_stats(self, n_blocks: int) -> None:
+        with self._lock:
+            self._stats["recalled_pages"] += n_blocks
+            self._stats["recall_bytes"] += n_blocks * self.recall.block_bytes
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: recall_bytes, recalled_pages (page-head blocks), checked_heads,
+        corrected_heads, host_pages_used, and per-layer checks/corrections."""
+        with self._lock:
+            out: dict[str, Any] = dict(self._stats)
+            out["corrections_per_layer"] = list(self.corrections_per_layer)
+            out["checks_per_layer"] = list(self.checks_per_layer)
+        out["host_pages_used"] = self.host.used_pages
+        return out

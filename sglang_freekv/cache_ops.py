@@ -1,0 +1,157 @@
+"""Helpers of FreeKVCache: slot/page tables (device + host mirror), prompt commit, and
+applying a selection (residency diff -> recall list -> copies).
+
+Split from cache.py to keep files small; nothing here is public API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sglang_freekv.layout import BudgetGeometry
+from sglang_freekv.pool_host import FreeKVHostPool
+from sglang_freekv.retrieval import residency_diff
+
+if TYPE_CHECKING:
+    from sglang_freekv.cache import FreeKVCache
+
+__all__ = ["CacheTables", "apply_selection", "write_prompt"]
+
+
+@dataclass(slots=True)
+class CacheTables:
+    """Per-request tables; the ``_cpu`` mirrors let ``plan_decode`` run without syncs."""
+
+    # fmt: off
+    g: BudgetGeometry
+    slot_loc: torch.Tensor        # [max_reqs, budget_pages] int64, device: first row of slot
+    slot_loc_cpu: torch.Tensor    # same, cpu
+    host_pages: torch.Tensor      # [max_reqs, max_pages] int32, device: host id per page (-1)
+    host_pages_cpu: torch.Tensor  # same, cpu
+    # fmt: on
+
+    @classmethod
+    def create(cls, g: BudgetGeometry, max_reqs: int, max_pages: int,
+               device: torch.device) -> CacheTables:
+        slot = torch.zeros((max_reqs, g.budget_pages), dtype=torch.int64)
+        pages = torch.full((max_reqs, max_pages), -1, dtype=torch.int32)
+        return cls(g, slot.to(device), slot, pages.to(device), pages.clone())
+
+    def set_slots(self, row: int, slot_loc: torch.Tensor) -> None:
+        if slot_loc.shape != (self.g.budget_pages,):
+            raise ValueError(f"Invalid shape of slot_loc: expected ({self.g.budget_pages},), "
+                             f"got {tuple(slot_loc.shape)}")
+        loc = slot_loc.to("cpu", torch.int64)
+        self.slot_loc_cpu[row] = loc
+        self.slot_loc[row] = loc.to(self.slot_loc.device)
+
+    def set_host_pages(self, row: int, ids: torch.Tensor) -> None:
+        n = int(ids.numel())
+        self.host_pages_cpu[row] = -1
+        self.host_pages_cpu[row, :n] = ids.to(torch.int32)
+        self.host_pages[row] = self.host_pages_cpu[row].to(self.host_pages.device)
+
+    def clear(self, row: int) -> None:
+        self.host_pages_cpu[row] = -1
+        self.host_pages[row] = -1
+        self.slot_loc_cpu[row] = 0
+        self.slot_loc[row] = 0
+
+    def open_pages(self, host: FreeKVHostPool, rows: torch.Tensor, n: torch.Tensor) -> None:
+        """Allocate a host page for each page opened by the current token (vectorized)."""
+        p_new = (n - 1) // self.g.page_size  # [bs] page of the current token
+        if bool((p_new >= self.host_pages_cpu.shape[1]).any()):
+            raise ValueError(f"seq_len {int(n.max())} exceeds max_pages_per_req "
+                             f"({self.host_pages_cpu.shape[1]}) * page_size")
+        need = self.host_pages_cpu[rows, p_new] < 0  # [bs] bool
+        if not bool(need.any()):
+            return
+        r, p = rows[need], p_new[need]
+        ids = host.alloc_each(r).to(torch.int32)  # raises FreeKVHostPoolFull
+        self.host_pages_cpu[r, p] = ids
+        dev = self.host_pages.device
+        self.host_pages[r.to(dev), p.to(dev)] = ids.to(dev)
+
+
+def write_prompt(cache: FreeKVCache, row: int, prompt_len: int, prompt_loc: torch.Tensor,
+                 ids: torch.Tensor) -> int:
+    """Prompt -> host (full pages, HND) + digests + budget slots, for every non-dense layer.
+
+    Returns ``min(M, k)``, the number of retrieved slots filled (dense-regime content).
+    """
+    from sglang_freekv.kernels.digest import page_digest
+    from sglang_freekv.kernels.scatter import backup_gather
+
+    g, dev = cache.g, cache.device
+    p = g.page_size
+    n_pages = -(-prompt_len // p)
+    full = prompt_len // p
+    n_sink = min(g.sink_pages, n_pages)
+    n_res = min(max(0, n_pages - g.sink_pages - g.window_pages), g.top_k)
+    win_start = max(g.sink_pages, n_pages - g.window_pages)
+    ar = torch.arange
+    pages = torch.cat([ar(n_sink), ar(g.sink_pages, g.sink_pages + n_res),
+                       ar(win_start, n_pages)])  # [npc] logical pages to place
+    slots = torch.cat([ar(n_sink), g.sink_pages + ar(n_res),
+                       g.sink_pages + g.top_k + ar(win_start, n_pages) % g.window_pages])
+    pos = pages[:, None] * p + ar(p)  # [npc, P] token positions
+    valid = pos < prompt_len
+    loc = prompt_loc.to(dev, torch.int64)
+    src = loc[pos[valid].to(dev)]  # rows of the prompt
+    first = cache.t.slot_loc_cpu[row, slots]  # [npc]
+    dst = (first[:, None] + ar(p))[valid].to(dev)  # rows of the budget slots
+    starts = torch.arange(full, device=dev) * p  # [F] first rows in the gathered copy
+    for layer in cache.sparse_layers:
+        kb, vb = cache.k_buffers[layer], cache.v_buffers[layer]
+        if full:
+            # Gather full pages contiguously (prompt rows need not be page aligned).
+            kf, vf = kb[loc[: full * p]], vb[loc[: full * p]]  # [F*P, H, D]
+            blocks = backup_gather(kf, vf, starts, p)  # [F, H, 2, P, D] HND
+            cache.host.write_blocks(layer, ids[:full], blocks)
+            dig = page_digest(kf, starts, p)  # [F, H, 2, D]
+            cache.digests[layer].index_copy_(0, ids[:full].to(dev), dig)
+        kb[dst] = kb[src]
+        vb[dst] = vb[src]
+    return n_res
+
+
+def apply_selection(
+    cache: FreeKVCache,
+    layer: int,
+    rows: torch.Tensor,
+    slot_loc: torch.Tensor,
+    page_table: torch.Tensor,
+    sel: torch.Tensor,
+    scores: torch.Tensor,
+    head_mask: torch.Tensor,
+    *,
+    mode: str,
+    before_scatter: Any,
+) -> torch.cuda.Event | None:
+    """Residency diff for ``rows`` then recall the new (page, head) blocks.
+
+    Shapes: ``rows [b] int64``, ``slot_loc [b, budget_pages] int64``, ``page_table [b,
+    max_pages] int32``, ``sel``/``scores [b, H, k]``, ``head_mask [b, H] bool`` (device).
+    Runs on the calling thread's current stream; one host sync (the recall list D2H).
+    Returns the recall's end event on CUDA (None on CPU or when nothing was recalled).
+    """
+    res = cache.residency[layer][rows]  # [b, H, k] int32
+    rl, new_res = residency_diff(sel, scores, res, head_mask)
+    cache.residency[layer].index_copy_(0, rows, new_res)
+    if rl.batch.numel() == 0:
+        return None
+    host_ids = page_table[rl.batch, rl.page.clamp(min=0)].to(torch.int64)  # [N]
+    dst_loc = slot_loc[rl.batch, cache.g.sink_pages + rl.slot]  # [N] int64
+    # SYNC: the host needs the recall list to gather host blocks (worker thread in async mode).
+    packed = torch.stack([host_ids, rl.head, rl.count.expand_as(host_ids)]).cpu()
+    n = int(packed[2, 0])
+    if n == 0:
+        return None
+    heads = rl.head[:n].to(torch.int32)
+    end = cache.recall.recall(layer, packed[0, :n], heads, dst_loc[:n], mode=mode,
+                              before_scatter=before_scatter, heads_cpu=packed[1, :n])
+    cache.add_recall_stats(n)
+    return end

@@ -1,0 +1,187 @@
+"""FreeKVConfig: the one frozen, validated configuration shared by the CLI and the core.
+
+Every rule raises :class:`FreeKVConfigError` with a single line naming the field, the
+value and the rule, so the launcher can print it and exit without a traceback.
+This module imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["FreeKVConfig", "FreeKVConfigError", "KV_POLICIES", "ENV_CONFIG", "ENV_POLICY"]
+
+KV_POLICIES = ("default", "freekv")
+
+# The launcher exports the resolved policy and config here so every spawned
+# scheduler / TP process (and `Engine(**kwargs)` users) sees the same values.
+ENV_POLICY = "SGLANG_FREEKV_POLICY"
+ENV_CONFIG = "SGLANG_FREEKV_CONFIG"
+
+
+class FreeKVConfigError(ValueError):
+    """Invalid FreeKV configuration; the message is one line: field, value, rule."""
+
+
+def _fail(name: str, value: object, rule: str) -> None:
+    raise FreeKVConfigError(f"freekv-config: {name}={json.dumps(value)}: {rule}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; `"budget": true` is a type error, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, "must be an integer")
+    if value < minimum:  # type: ignore[operator]
+        _fail(name, value, f"must be >= {minimum}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FreeKVConfig:
+    """FreeKV settings (JSON keys of ``--freekv-config`` are the field names).
+
+    Token counts are per request and per KV head; ``budget`` = sink + retrieved + window.
+    """
+
+    page_size: int = 32  # tokens per page (P)
+    budget: int = 2048  # device token rows kept per request: sink + top-k pages + window
+    sink: int = 512  # leading tokens always resident
+    window: int = 512  # most recent tokens always resident, counting the current partial page
+    tau: float | None = 0.8  # correction when group-mean cos(q_t, q_{t-1}) < tau; None = off
+    speculative: bool = True  # False = select with q_t and recall before attention (baseline)
+    dense_layers: tuple[int, ...] = field(default=(0,))  # layers that keep full attention
+    host_memory_gb: float | None = None  # host tier size; None = derived from free RAM
+
+    def __post_init__(self) -> None:
+        _check_int("page_size", self.page_size, 1)
+        if self.page_size & (self.page_size - 1) or self.page_size > 256:
+            _fail("page_size", self.page_size, "must be a power of two <= 256")
+        for name in ("budget", "sink", "window"):
+            value = getattr(self, name)
+            _check_int(name, value, 0)
+            if value % self.page_size:
+                _fail(name, value, f"must be a multiple of page_size ({self.page_size})")
+        if self.window < 2 * self.page_size:
+            _fail("window", self.window, f"must hold at least 2 pages ({2 * self.page_size})")
+        if self.sink + self.window >= self.budget:
+            _fail(
+                "budget",
+                self.budget,
+                f"must exceed sink + window ({self.sink} + {self.window}) to leave room "
+                "for retrieved pages",
+            )
+        if self.tau is not None:
+            if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+                _fail("tau", self.tau, "must be a number in [-1, 1] or null")
+            if not -1.0 <= float(self.tau) <= 1.0:
+                _fail("tau", self.tau, "must be in [-1, 1] or null")
+        if not isinstance(self.speculative, bool):
+            _fail("speculative", self.speculative, "must be true or false")
+        if not isinstance(self.dense_layers, tuple):
+            _fail("dense_layers", self.dense_layers, "must be a list of layer ids")
+        for layer_id in self.dense_layers:
+            if isinstance(layer_id, bool) or not isinstance(layer_id, int) or layer_id < 0:
+                _fail("dense_layers", list(self.dense_layers), "must hold integers >= 0")
+        if len(set(self.dense_layers)) != len(self.dense_layers):
+            _fail("dense_layers", list(self.dense_layers), "must not repeat a layer id")
+        if self.host_memory_gb is not None:
+            value = self.host_memory_gb
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                _fail("host_memory_gb", value, "must be a positive number or null")
+            if not value > 0:
+                _fail("host_memory_gb", value, "must be > 0")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def budget_pages(self) -> int:
+        return self.budget // self.page_size
+
+    @property
+    def sink_pages(self) -> int:
+        return self.sink // self.page_size
+
+    @property
+    def window_pages(self) -> int:
+        return self.window // self.page_size
+
+    @property
+    def top_k(self) -> int:
+        """Retrieved pages per (request, KV head): (budget - sink - window) / page_size."""
+        return self.budget_pages - self.sink_pages - self.window_pages
+
+    @property
+    def correction(self) -> bool:
+        return self.tau is not None
+
+    # ------------------------------------------------------------- model checks
+    def validate_for_model(
+        self, *, num_layers: int, attention: str = "mha", model: str = "the model"
+    ) -> None:
+        """Rules that need the model: dense layer ids in range, a servable attention kind.
+
+        ``attention`` is ``"mha"`` for MHA/GQA/MQA models; anything else (``"mla"``,
+        ``"hybrid"``...) cannot be served because FreeKV selects pages per KV head.
+        """
+        if attention != "mha":
+            raise FreeKVConfigError(
+                f"freekv-config: model={json.dumps(model)}: uses {attention} attention; "
+                "the freekv policy serves only MHA/GQA models (per-KV-head paged KV)"
+            )
+        for layer_id in self.dense_layers:
+            if layer_id >= num_layers:
+                _fail(
+                    "dense_layers",
+                    list(self.dense_layers),
+                    f"layer id {layer_id} is out of range for {model} with {num_layers} layers",
+                )
+
+    # ------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["dense_layers"] = list(self.dense_layers)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FreeKVConfig:
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise FreeKVConfigError(
+                    f"freekv-config: {key}={json.dumps(data[key])}: unknown key "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+        kwargs = dict(data)
+        if "dense_layers" in kwargs:
+            layers = kwargs["dense_layers"]
+            if not isinstance(layers, (list, tuple)):
+                _fail("dense_layers", layers, "must be a list of layer ids")
+            kwargs["dense_layers"] = tuple(layers)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> FreeKVConfig:
+        if text is None or not text.strip():
+            return cls()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FreeKVConfigError(
+                f"freekv-config: {text!r}: is not valid JSON ({exc.msg} at char {exc.pos})"
+            ) from None
+        if not isinstance(data, dict):
+            raise FreeKVConfigError(
+                f"freekv-config: {text!r}: must be a JSON object like '{{\"budget\": 1024}}'"
+            )
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_env(cls) -> FreeKVConfig | None:
+        """The config exported by the launcher, or None when FreeKV is not active."""
+        if os.environ.get(ENV_POLICY, "default") != "freekv":
+            return None
+        return cls.from_json(os.environ.get(ENV_CONFIG))

@@ -1,0 +1,325 @@
+"""Page selection: Quest upper-bound scores, per-head softmax, GQA group mean, top-k.
+
+freekv-method.md §1.3 (``avgSM`` in fp32, the policy the accuracy numbers used). For request
+``b``, query head ``h`` of KV head ``g = h // group_size`` and candidate logical page ``j``
+with host page ``p = page_table[b, j]``::
+
+    s[b, h, j]     = sum_i max(q[b, h, i] * min[p, g, i], q[b, h, i] * max[p, g, i])
+    score[b, g, j] = mean_{h in group g} softmax_{j in candidates}(s[b, h, :])[j]
+
+Candidates are ``cand_start[b] <= j < cand_end[b]`` with ``page_table[b, j] >= 0``; every
+other position scores ``-inf``.
+
+* ``_raw_score_kernel`` — Triton, one program per (request, KV head, block of pages):
+  the raw upper bounds of the group's query heads, into an fp32 scratch.
+* ``_group_softmax_kernel`` — Triton, one program per (request, KV head): masked
+  softmax per query head (online max/sum), then the group mean.
+* :func:`score_pages`, :func:`select_pages` — launchers (top-k is ``torch.topk``).
+* :func:`ref_score_pages`, :func:`ref_select_pages` — the PyTorch reference (the spec).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+    next_power_of_2,
+    resolve_impl,
+)
+
+__all__ = ["score_pages", "select_pages", "ref_score_pages", "ref_select_pages"]
+
+
+@triton.jit
+def _raw_score_kernel(
+    q_ptr,  # [bs, num_qo_heads, head_dim]
+    dg_ptr,  # [num_host_pages, num_kv_heads, 2, head_dim]
+    pt_ptr,  # [bs, max_pages] host page id per logical page
+    cs_ptr,  # [bs]
+    ce_ptr,  # [bs]
+    raw_ptr,  # [bs, num_qo_heads, max_pages] fp32 scratch, candidates only
+    stride_qb,
+    stride_qh,
+    stride_dp,
+    stride_dh,
+    stride_dm,
+    stride_pb,
+    max_pages,
+    head_dim,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_j = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cs = tl.load(cs_ptr + b).to(tl.int32)
+    ce = tl.load(ce_ptr + b).to(tl.int32)
+    in_range = (offs_j >= cs) & (offs_j < ce) & (offs_j < max_pages)
+    host = tl.load(pt_ptr + b.to(tl.int64) * stride_pb + offs_j, mask=in_range, other=-1)
+    cand = in_range & (host >= 0)  # [BLOCK_P]
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    mask = cand[:, None] & mask_d[None, :]
+    # One [BLOCK_P, BLOCK_D] tile of min and of max for KV head g; shared by the group.
+    base = dg_ptr + host.to(tl.int64)[:, None] * stride_dp + g * stride_dh + offs_d[None, :]
+    kmin = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    kmax = tl.load(base + stride_dm, mask=mask, other=0.0).to(tl.float32)
+    num_qo_heads = tl.num_programs(1) * GROUP_SIZE
+    for r in tl.static_range(GROUP_SIZE):
+        h = g * GROUP_SIZE + r
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=mask_d,
+                    other=0.0).to(tl.float32)  # [BLOCK_D]
+        s = tl.sum(tl.maximum(q[None, :] * kmin, q[None, :] * kmax), axis=1)  # [BLOCK_P]
+        raw = raw_ptr + (b.to(tl.int64) * num_qo_heads + h) * max_pages + offs_j
+        tl.store(raw, s, mask=cand)
+
+
+@triton.jit
+def _group_softmax_kernel(
+    raw_ptr,  # [bs, num_qo_heads, max_pages] fp32 (candidates written)
+    pt_ptr,  # [bs, max_pages]
+    cs_ptr,  # [bs]
+    ce_ptr,  # [bs]
+    out_ptr,  # [bs, num_kv_heads, max_pages] fp32
+    stride_pb,
+    max_pages,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    cs = tl.load(cs_ptr + b).to(tl.int32)
+    ce = tl.load(ce_ptr + b).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < GROUP_SIZE
+    row = (b.to(tl.int64) * num_kv_heads * GROUP_SIZE + g * GROUP_SIZE + offs_g) * max_pages
+    # Pass 1: online max and sum of exp per query head, over candidates only.
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    for j0 in range(0, max_pages, BLOCK_P):
+        offs_j = j0 + tl.arange(0, BLOCK_P)
+        in_range = (offs_j >= cs) & (offs_j < ce) & (offs_j < max_pages)
+        host = tl.load(pt_ptr + b.to(tl.int64) * stride_pb + offs_j, mask=in_range, other=-1)
+        cand = in_range & (host >= 0)
+        s = tl.load(raw_ptr + row[:, None] + offs_j[None, :],
+                    mask=mask_g[:, None] & cand[None, :], other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    inv_l = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
+    # Pass 2: probabilities, mean over the group, -inf outside the candidates.
+    for j0 in range(0, max_pages, BLOCK_P):
+        offs_j = j0 + tl.arange(0, BLOCK_P)
+        in_range = (offs_j >= cs) & (offs_j < ce) & (offs_j < max_pages)
+        host = tl.load(pt_ptr + b.to(tl.int64) * stride_pb + offs_j, mask=in_range, other=-1)
+        cand = in_range & (host >= 0)
+        s = tl.load(raw_ptr + row[:, None] + offs_j[None, :],
+                    mask=mask_g[:, None] & cand[None, :], other=float("-inf"))
+        p = tl.exp(s - m_safe[:, None]) * inv_l[:, None]  # [BLOCK_G, BLOCK_P]
+        score = tl.sum(p, axis=0) / GROUP_SIZE
+        score = tl.where(cand, score, float("-inf"))
+        out = out_ptr + (b.to(tl.int64) * num_kv_heads + g) * max_pages + offs_j
+        tl.store(out, score, mask=offs_j < max_pages)
+
+
+def _check_args(
+    q: torch.Tensor,
+    digests: torch.Tensor,
+    page_table: torch.Tensor,
+    cand_start: torch.Tensor,
+    cand_end: torch.Tensor,
+    num_kv_heads: int,
+) -> None:
+    check_tensor("q", q, shape=(None, None, None), dtype=FLOAT_DTYPES, last_dim_contiguous=True)
+    bs, num_qo_heads, head_dim = q.shape
+    check_positive_int("num_kv_heads", num_kv_heads)
+    if num_qo_heads % num_kv_heads:
+        raise ValueError(
+            f"Invalid value of num_kv_heads: num_qo_heads ({num_qo_heads}) must be a multiple "
+            f"of num_kv_heads ({num_kv_heads})"
+        )
+    check_tensor("digests", digests, shape=(None, num_kv_heads, 2, head_dim),
+                 dtype=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_tensor("page_table", page_table, shape=(bs, None), dtype=INDEX_DTYPES,
+                 last_dim_contiguous=True)
+    check_tensor("cand_start", cand_start, shape=(bs,), dtype=INDEX_DTYPES)
+    check_tensor("cand_end", cand_end, shape=(bs,), dtype=INDEX_DTYPES)
+    check_same_device("q", q, digests=digests, page_table=page_table, cand_start=cand_start,
+                      cand_end=cand_end)
+
+
+def score_pages(
+    q: torch.Tensor,
+    digests: torch.Tensor,
+    page_table: torch.Tensor,
+    cand_start: torch.Tensor,
+    cand_end: torch.Tensor,
+    num_kv_heads: int,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Group-consistent page scores (fp32) for every logical page of every request.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        shape ``[bs, num_qo_heads, head_dim]``, model dtype (fp32/fp16/bf16), post-RoPE;
+        stride 1 in ``head_dim``.
+    digests : torch.Tensor
+        shape ``[num_host_pages, num_kv_heads, 2, head_dim]``, float, same device: one
+        layer's digests indexed by host page id; ``[..., 0, :]`` min, ``[..., 1, :]`` max.
+    page_table : torch.Tensor
+        shape ``[bs, max_pages]``, int32 (int64 accepted): host page id of each logical
+        page, ``-1`` where none (such a page is never a candidate).
+    cand_start, cand_end : torch.Tensor
+        shape ``[bs]``, int32 (int64 accepted): candidates are logical pages
+        ``[cand_start[b], cand_end[b])`` (may be empty; clipped to ``[0, max_pages)``).
+    num_kv_heads : int
+        ``H``; ``num_qo_heads`` must be a multiple (``group_size = num_qo_heads // H``).
+    impl : str, optional
+        ``"triton"`` | ``"ref"``; default by device (see ``_common.resolve_impl``).
+
+    Returns
+    -------
+    torch.Tensor
+        shape ``[bs, num_kv_heads, max_pages]``, fp32, same device; position ``j`` is
+        logical page ``j``; ``-inf`` outside the candidates. The candidates of one
+        (request, KV head) sum to 1 (when there are any).
+
+    Note
+    ----
+    No host sync on the Triton path; graph-capturable on CUDA.
+    """
+    _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+    if resolve_impl(impl, q) == "ref":
+        return ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+    bs, num_qo_heads, head_dim = q.shape
+    max_pages = page_table.shape[1]
+    group_size = num_qo_heads // num_kv_heads
+    out = torch.empty((bs, num_kv_heads, max_pages), dtype=torch.float32, device=q.device)
+    if bs == 0 or max_pages == 0:
+        return out
+    raw = torch.empty((bs, num_qo_heads, max_pages), dtype=torch.float32, device=q.device)
+    block_d = next_power_of_2(head_dim)
+    # Keep one digest tile at ~8K fp32 elements per operand: 64 pages at head_dim 128.
+    block_p = max(1, min(next_power_of_2(max_pages), 8192 // block_d, 128))
+    grid = (bs, num_kv_heads, triton.cdiv(max_pages, block_p))
+    _raw_score_kernel[grid](
+        q, digests, page_table, cand_start, cand_end, raw,
+        q.stride(0), q.stride(1),
+        digests.stride(0), digests.stride(1), digests.stride(2),
+        page_table.stride(0),
+        max_pages, head_dim,
+        GROUP_SIZE=group_size, BLOCK_P=block_p, BLOCK_D=block_d,
+    )  # fmt: skip
+    block_g = next_power_of_2(group_size)
+    _group_softmax_kernel[(bs, num_kv_heads)](
+        raw, page_table, cand_start, cand_end, out,
+        page_table.stride(0), max_pages,
+        GROUP_SIZE=group_size, BLOCK_G=block_g,
+        BLOCK_P=max(16, min(next_power_of_2(max_pages), 4096 // block_g, 1024)),
+    )  # fmt: skip
+    return out
+
+
+def _top_k(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the last dim of ``scores`` [bs, H, max_pages]; ``-inf`` entries -> -1."""
+    bs, num_kv_heads, max_pages = scores.shape
+    k = min(top_k, max_pages)
+    vals, idx = torch.topk(scores, k, dim=-1)  # [bs, H, k] fp32, int64 (sorted, descending)
+    idx = torch.where(vals == float("-inf"), -1, idx).to(torch.int32)  # [bs, H, k] int32
+    if k < top_k:
+        pad = (bs, num_kv_heads, top_k - k)
+        vals = torch.cat([vals, vals.new_full(pad, float("-inf"))], dim=-1)
+        idx = torch.cat([idx, idx.new_full(pad, -1)], dim=-1)
+    return idx.contiguous(), vals.contiguous()
+
+
+def select_pages(
+    q: torch.Tensor,
+    digests: torch.Tensor,
+    page_table: torch.Tensor,
+    cand_start: torch.Tensor,
+    cand_end: torch.Tensor,
+    num_kv_heads: int,
+    top_k: int,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``top_k`` logical pages per (request, KV head) by :func:`score_pages`.
+
+    Arguments as in :func:`score_pages`, plus ``top_k`` (int >= 1).
+
+    Returns
+    -------
+    page_indices : torch.Tensor
+        shape ``[bs, num_kv_heads, top_k]``, int32: logical page ids, best first; ``-1``
+        where the request has fewer than ``top_k`` candidates. Among tied scores the
+        choice is unspecified.
+    page_scores : torch.Tensor
+        shape ``[bs, num_kv_heads, top_k]``, fp32: their scores, ``-inf`` where ``-1``.
+
+    Note
+    ----
+    No host sync on the Triton path (``torch.topk`` stays on the device).
+    """
+    check_positive_int("top_k", top_k)
+    scores = score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, impl=impl)
+    return _top_k(scores, top_k)
+
+
+def ref_score_pages(
+    q: torch.Tensor,
+    digests: torch.Tensor,
+    page_table: torch.Tensor,
+    cand_start: torch.Tensor,
+    cand_end: torch.Tensor,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """PyTorch reference of :func:`score_pages` (loops over requests; syncs on CUDA)."""
+    _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+    bs, num_qo_heads, head_dim = q.shape
+    max_pages = page_table.shape[1]
+    group_size = num_qo_heads // num_kv_heads
+    out = torch.full((bs, num_kv_heads, max_pages), float("-inf"), device=q.device)
+    for b in range(bs):
+        lo = max(int(cand_start[b]), 0)
+        hi = min(int(cand_end[b]), max_pages)
+        pages = torch.arange(lo, max(lo, hi), device=q.device)  # [n_c] logical pages
+        host = page_table[b, pages].long()  # [n_c]
+        pages, host = pages[host >= 0], host[host >= 0]
+        if pages.numel() == 0:
+            continue
+        dg = digests[host].float()  # [n_c, H, 2, head_dim]
+        kmin = dg[:, :, 0].transpose(0, 1)[:, None]  # [H, 1, n_c, head_dim]
+        kmax = dg[:, :, 1].transpose(0, 1)[:, None]  # [H, 1, n_c, head_dim]
+        qb = q[b].float().reshape(num_kv_heads, group_size, 1, head_dim)  # [H, G, 1, head_dim]
+        s = torch.maximum(qb * kmin, qb * kmax).sum(-1)  # [H, G, n_c] Quest upper bound
+        probs = torch.softmax(s, dim=-1)  # [H, G, n_c] per query head, over candidates
+        out[b, :, pages] = probs.mean(dim=1)  # [H, n_c] group mean
+    return out
+
+
+def ref_select_pages(
+    q: torch.Tensor,
+    digests: torch.Tensor,
+    page_table: torch.Tensor,
+    cand_start: torch.Tensor,
+    cand_end: torch.Tensor,
+    num_kv_heads: int,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of :func:`select_pages`."""
+    check_positive_int("top_k", top_k)
+    scores = ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+    return _top_k(scores, top_k)

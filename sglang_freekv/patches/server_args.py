@@ -1,0 +1,154 @@
+"""``--kv-policy {default,freekv}`` and ``--freekv-config JSON`` on SGLang's command line.
+
+Changes (all through SGLang's HookRegistry):
+- ``sglang.srt.server_args.ServerArgs.add_cli_args`` (AFTER): adds the two flags, so
+  ``python -m sglang.launch_server --help`` lists them.
+- ``sglang.srt.server_args.ServerArgs.from_cli_args`` (AROUND): parses and validates the
+  policy and config (model-dependent rules included), stores them as underscore bookkeeping
+  attributes on the record (they survive the pickling into every scheduler / TP process) and
+  exports them to ``SGLANG_FREEKV_POLICY`` / ``SGLANG_FREEKV_CONFIG`` for ``Engine`` users and
+  spawned children. Invalid input prints one line naming the field, the value and the rule,
+  and exits with status 2 (no traceback).
+- ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AFTER): records the policy on the
+  scheduler and logs it once per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sglang_freekv.config import (
+    ENV_CONFIG,
+    ENV_POLICY,
+    KV_POLICIES,
+    FreeKVConfig,
+    FreeKVConfigError,
+)
+
+logger = logging.getLogger(__name__)
+
+_ADD = "sglang.srt.server_args.ServerArgs.add_cli_args"
+_FROM = "sglang.srt.server_args.ServerArgs.from_cli_args"
+_SCHED = "sglang.srt.managers.scheduler.Scheduler.__init__"
+
+POLICY_ATTR = "_freekv_policy"
+CONFIG_ATTR = "_freekv_config"
+
+
+def add_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
+    if any("--kv-policy" in a.option_strings for a in parser._actions):
+        return  # a second registration (tests call apply twice)
+    group = parser.add_argument_group("FreeKV (sglang-freekv plugin)")
+    group.add_argument(
+        "--kv-policy",
+        choices=list(KV_POLICIES),
+        default="default",
+        help="KV-cache policy: 'default' is stock SGLang; 'freekv' keeps each request's full "
+        "KV in host memory and a small budget on the device (speculative retrieval).",
+    )
+    group.add_argument(
+        "--freekv-config",
+        default=None,
+        metavar="JSON",
+        help="FreeKV settings as a JSON object. Keys (defaults): page_size (32), budget "
+        "(2048: device tokens per request = sink + retrieved + window), sink (512), window "
+        "(512), tau (0.8; null turns correction off), speculative (true), dense_layers ([0]), "
+        "host_memory_gb (null: derived from free RAM).",
+    )
+
+
+def model_attention_kind(model_path: str) -> tuple[str, int | None, str]:
+    """(attention kind, number of layers or None if unknown, model name) from config.json."""
+    cfg_file = Path(model_path) / "config.json"
+    name = Path(model_path).name or model_path
+    if not cfg_file.is_file():
+        return "mha", None, name
+    cfg = json.loads(cfg_file.read_text())
+    text = cfg.get("text_config") or cfg
+    archs = " ".join(cfg.get("architectures") or [])
+    num_layers = text.get("num_hidden_layers") or text.get("n_layer") or text.get("num_layers")
+    if text.get("kv_lora_rank") or "Deepseek" in archs:
+        return "mla", num_layers, name
+    layer_types = text.get("layer_types") or []
+    if any(t not in ("full_attention", "attention") for t in layer_types):
+        return "hybrid", num_layers, name
+    if any(k in archs for k in ("Mamba", "Jamba", "NemotronH", "FalconH1")):
+        return "hybrid", num_layers, name
+    return "mha", num_layers, name
+
+
+def resolve_policy(policy: str, config_json: str | None, model_path: str | None) -> str | None:
+    """Validate and return the config JSON to hand on (None for the default policy)."""
+    if policy != "freekv":
+        if config_json:
+            raise FreeKVConfigError(
+                f"freekv-config: {config_json!r}: only applies with --kv-policy freekv"
+            )
+        return None
+    config = FreeKVConfig.from_json(config_json)
+    if model_path:
+        kind, num_layers, name = model_attention_kind(model_path)
+        config.validate_for_model(num_layers=num_layers or 1 << 30, attention=kind, model=name)
+    return config.to_json()
+
+
+def from_cli_args(orig: Any, cls: type, args: argparse.Namespace) -> Any:
+    policy = getattr(args, "kv_policy", None) or os.environ.get(ENV_POLICY, "default")
+    config_json = getattr(args, "freekv_config", None)
+    if config_json is None and policy == "freekv":
+        config_json = os.environ.get(ENV_CONFIG)
+    try:
+        resolved = resolve_policy(policy, config_json, getattr(args, "model_path", None))
+    except FreeKVConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    server_args = orig(cls, args)
+    setattr(server_args, POLICY_ATTR, policy)
+    setattr(server_args, CONFIG_ATTR, resolved)
+    # Spawned scheduler processes inherit the environment; the record carries it too.
+    os.environ[ENV_POLICY] = policy
+    if resolved is None:
+        os.environ.pop(ENV_CONFIG, None)
+    else:
+        os.environ[ENV_CONFIG] = resolved
+    return server_args
+
+
+def policy_of(server_args: Any = None) -> tuple[str, FreeKVConfig | None]:
+    """The policy and config of this process: from the record if it has them, else env."""
+    policy = getattr(server_args, POLICY_ATTR, None) if server_args is not None else None
+    config_json = getattr(server_args, CONFIG_ATTR, None) if server_args is not None else None
+    if policy is None:
+        policy = os.environ.get(ENV_POLICY, "default")
+        config_json = os.environ.get(ENV_CONFIG)
+    if policy != "freekv":
+        return policy, None
+    return policy, FreeKVConfig.from_json(config_json)
+
+
+def scheduler_init(result: Any, self: Any, server_args: Any, *args: Any, **kwargs: Any) -> None:
+    from sglang.srt.runtime_context import get_parallel
+
+    policy, config = policy_of(server_args)
+    self.freekv_policy = policy
+    self.freekv_config = config
+    logger.info(
+        "freekv: scheduler tp_rank=%s policy=%s config=%s",
+        get_parallel().tp_rank,
+        policy,
+        config.to_json() if config is not None else "{}",
+    )
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(_ADD, add_cli_args, HookType.AFTER)
+    HookRegistry.register(_FROM, from_cli_args, HookType.AROUND)
+    HookRegistry.register(_SCHED, scheduler_init, HookType.AFTER)

@@ -1,0 +1,175 @@
+"""FreeKVHostPool: the host tier (HND page blocks of every layer) and its page allocator.
+
+``kv[L, num_pages, H, 2, P, D]`` (index 0 = K, 1 = V): one contiguous ``[2, P, D]`` block per
+(layer, page, head), so recalling one (page, head) is one contiguous read. Pinned when a
+CUDA device is used, so H2D/D2H copies are true async DMA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FreeKVHostPool", "FreeKVHostPoolFull", "host_page_bytes", "pages_for_budget"]
+
+_GIB = float(1 << 30)
+
+
+class FreeKVHostPoolFull(RuntimeError):
+    """The host tier has fewer free pages than requested (one-line message)."""
+
+
+def host_page_bytes(
+    num_layers: int, num_kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Bytes of one host page id (all layers, heads, K and V)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return num_layers * num_kv_heads * 2 * page_size * head_dim * elem
+
+
+def pages_for_budget(
+    host_memory_gb: float,
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    page_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+) -> int:
+    """How many host pages fit in ``host_memory_gb`` GiB (at least 1)."""
+    per_page = host_page_bytes(num_layers, num_kv_heads, page_size, head_dim, dtype)
+    return max(1, int(host_memory_gb * _GIB) // per_page)
+
+
+class FreeKVHostPool:
+    """Host KV tier with an exact per-owner page allocator.
+
+    Parameters
+    ----------
+    num_layers, num_pages, num_kv_heads, page_size, head_dim : sizes (L, pages, H, P, D).
+    dtype : model dtype of the KV.
+    pin_memory : pin ``kv`` (needs CUDA); required for async H2D/D2H.
+
+    Attributes
+    ----------
+    kv : ``[L, num_pages, H, 2, P, D]`` ``dtype``, cpu (pinned if requested), HND blocks.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        num_kv_heads: int,
+        page_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        pin_memory: bool,
+    ) -> None:
+        if num_pages < 1:
+            raise ValueError(f"FreeKVHostPool: num_pages ({num_pages}) must be >= 1")
+        self.num_layers, self.num_pages = num_layers, num_pages
+        self.num_kv_heads, self.page_size, self.head_dim = num_kv_heads, page_size, head_dim
+        self.dtype = dtype
+        self.pin_memory = pin_memory
+        shape = (num_layers, num_pages, num_kv_heads, 2, page_size, head_dim)
+        self.kv = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+        self.page_bytes = host_page_bytes(num_layers, num_kv_heads, page_size, head_dim, dtype)
+        # Free stack: ids in _free[:_top] are free. owner per page, -1 = free.
+        self._free = torch.arange(num_pages - 1, -1, -1, dtype=torch.int64)  # pops 0, 1, 2...
+        self._top = num_pages
+        self._owner = torch.full((num_pages,), -1, dtype=torch.int64)
+        self._backup_stream: torch.cuda.Stream | None = None
+        self._last_write: torch.cuda.Event | None = None
+
+    # ------------------------------------------------------------------ allocator
+    @property
+    def free_pages(self) -> int:
+        return self._top
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - self._top
+
+    def used_by(self, owner: int) -> int:
+        """Pages held by ``owner`` (O(num_pages); for tests and stats)."""
+        return int((self._owner == owner).sum())
+
+    def _check(self, needed: int) -> None:
+        if needed > self._top:
+            raise FreeKVHostPoolFull(
+                f"FreeKV host pool full: needed {needed} pages "
+                f"({needed * self.page_bytes / _GIB:.3f} GiB), free {self._top} of "
+                f"{self.num_pages} pages ({self._top * self.page_bytes / _GIB:.3f} of "
+                f"{self.num_pages * self.page_bytes / _GIB:.3f} GiB); raise host_memory_gb"
+            )
+
+    def alloc(self, owner: int, n: int) -> torch.Tensor:
+        """``n`` page ids for ``owner``: ``[n]`` int64, cpu. Raises FreeKVHostPoolFull."""
+        self._check(n)
+        ids = self._free[self._top - n : self._top].flip(0).clone()  # [n] int64
+        self._top -= n
+        self._owner[ids] = owner
+        return ids
+
+    def alloc_each(self, owners: torch.Tensor) -> torch.Tensor:
+        """One page per entry of ``owners`` (``[n]`` int64, cpu), vectorized; ``[n]`` int64."""
+        n = int(owners.numel())
+        self._check(n)
+        ids = self._free[self._top - n : self._top].flip(0).clone()
+        self._top -= n
+        self._owner[ids] = owners.to(torch.int64)
+        return ids
+
+    def free_owner(self, owner: int) -> int:
+        """Return every page of ``owner`` to the pool; returns how many were freed."""
+        ids = torch.nonzero(self._owner == owner).flatten()  # [m] int64
+        m = int(ids.numel())
+        self._owner[ids] = -1
+        self._free[self._top : self._top + m] = ids.flip(0)
+        self._top += m
+        return m
+
+    # ------------------------------------------------------------------ data
+    def write_blocks(self, layer: int, host_ids: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Write HND blocks of ``layer`` to host pages.
+
+        Parameters
+        ----------
+        host_ids : ``[n]`` int64, cpu (or any device; moved to cpu).
+        blocks : ``[n, H, 2, P, D]`` ``dtype``, cpu or cuda (HND).
+
+        Note: with CUDA ``blocks`` the D2H copies run non_blocking on a backup stream that
+        waits the current stream; call :meth:`wait_writes` before reading those pages on the
+        host (the recall engine does).
+        """
+        ids = host_ids.to("cpu", torch.int64)
+        if ids.numel() == 0:
+            return
+        if blocks.device.type != "cuda":
+            self.kv[layer].index_copy_(0, ids, blocks.to(self.dtype))
+            return
+        if self._backup_stream is None:
+            self._backup_stream = torch.cuda.Stream(device=blocks.device)
+        stream = self._backup_stream
+        # STREAM: the backup stream waits the producer (current stream) of `blocks`.
+        stream.wait_stream(torch.cuda.current_stream(blocks.device))
+        # REUSE: `blocks` was allocated on the current stream; record it on the backup stream
+        # so the caching allocator does not hand its memory out before the D2H has read it.
+        blocks.record_stream(stream)
+        # Copies go per run of consecutive ids (one DMA each): allocations are mostly runs.
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[1:] = ids[1:] != ids[:-1] + 1
+        bounds = torch.nonzero(starts).flatten().tolist() + [int(ids.numel())]
+        with torch.cuda.stream(stream):
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                first = int(ids[a])
+                self.kv[layer, first : first + (b - a)].copy_(blocks[a:b], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._last_write = event
+
+    def wait_writes(self) -> None:
+        """Block the calling thread until every D2H write issued so far has landed."""
+        event = self._last_write
+        if event is not None:
+            # SYNC: host readers (recall gather) must not read a page whose D2H is in flight.
+            event.synchronize()

@@ -1,0 +1,254 @@
+"""FreeKVRecallEngine: host HND blocks -> device NHD slot columns (freekv-method.md §4-5).
+
+One recall unit is one (layer, host page, KV head) block ``kv[layer, host_id, head]`` of
+``[2, P, D]`` elements, contiguous on the host. It is copied into the column ``head`` of the
+``P`` device rows starting at ``dst_loc`` (``recall_scatter``).
+
+CUDA path, per staging set (>= 2 pinned host buffers, >= 2 device buffers, one stream each):
+the recall list is cut into groups of ``group_blocks``; group ``g`` uses buffer/stream
+``g % num_staging``: CPU gather (``index_select`` into the pinned buffer), one H2D, then the
+scatter on the same stream. So the H2D of group ``g`` overlaps the scatter of group ``g - 1``
+(other stream). Two staging sets exist: ``sync`` (main thread, correction recalls) and
+``async`` (the single ordered worker thread, speculative jobs), so a correction never shares
+buffers with an in-flight speculative job (race 8).
+
+CPU path: same interface; async jobs run in order on one worker thread
+(``ThreadPoolExecutor(max_workers=1)``), sync recalls run inline.
+
+Test hooks: ``debug_delay_s`` (sleep at job start and between gather and scatter) and
+``debug_hook(point)`` (called at ``"job_start"`` and ``"gathered"``) widen race windows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from sglang_freekv.pool_host import FreeKVHostPool
+
+__all__ = ["FreeKVRecallEngine", "Fence"]
+
+T = TypeVar("T")
+Fence = Any  # torch.cuda.Event on CUDA; on CPU any object with .wait() (threading.Event)
+
+
+class _StagingSet:
+    """Staging buffers of one user (sync or async): ``num_staging`` slots of ``cap`` blocks."""
+
+    def __init__(self, cap: int, num_staging: int, block: tuple[int, int, int],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (cap, *block)  # [cap, 2, P, D] HND blocks
+        self.cap = cap
+        self.cuda = device.type == "cuda"
+        self.device_bufs = [torch.empty(shape, dtype=dtype, device=device)
+                            for _ in range(num_staging)]
+        self.host_bufs: list[torch.Tensor] = []
+        self.streams: list[torch.cuda.Stream] = []
+        self.h2d_done: list[torch.cuda.Event] = []
+        if self.cuda:
+            self.host_bufs = [torch.empty(shape, dtype=dtype, pin_memory=True)
+                              for _ in range(num_staging)]
+            self.streams = [torch.cuda.Stream(device=device) for _ in range(num_staging)]
+            self.h2d_done = [torch.cuda.Event() for _ in range(num_staging)]
+
+
+class FreeKVRecallEngine:
+    """Copy machinery of FreeKV recalls (sync and async).
+
+    Parameters
+    ----------
+    host_pool : the host tier (``kv [L, num_pages, H, 2, P, D]``, HND).
+    k_buffers, v_buffers : per layer ``[rows, H, D]`` model dtype, ``device`` (NHD).
+    device : device of the KV buffers.
+    group_blocks : blocks per staging buffer (one H2D per group).
+    num_staging : 1 or 2 buffers per staging set (1 = no copy/scatter overlap; benchmark).
+    """
+
+    def __init__(
+        self,
+        host_pool: FreeKVHostPool,
+        k_buffers: list[torch.Tensor],
+        v_buffers: list[torch.Tensor],
+        *,
+        device: torch.device | str,
+        group_blocks: int = 64,
+        num_staging: int = 2,
+    ) -> None:
+        if num_staging not in (1, 2):
+            raise ValueError(f"num_staging ({num_staging}) must be 1 or 2")
+        self.pool = host_pool
+        self.k_buffers, self.v_buffers = k_buffers, v_buffers
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.num_staging = num_staging
+        block = (2, host_pool.page_size, host_pool.head_dim)
+        self.block_bytes = 2 * host_pool.page_size * host_pool.head_dim * \
+            torch.empty((), dtype=host_pool.dtype).element_size()
+        self._sets = {
+            name: _StagingSet(group_blocks, num_staging, block, host_pool.dtype, self.device)
+            for name in ("sync", "async")
+        }
+        self.job_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        # REUSE: one ordered worker => async jobs never interleave on the async staging set.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freekv-recall")
+        self._inflight: set[Future[Any]] = set()
+        self._lock = threading.Lock()
+        self.debug_delay_s = 0.0
+        self.debug_hook: Callable[[str], None] | None = None
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the ordered worker; returns its Future (the job handle)."""
+
+        def run() -> T:
+            self._debug("job_start")
+            if self.cuda:
+                with torch.cuda.device(self.device):
+                    return fn()
+            return fn()
+
+        fut = self._executor.submit(run)
+        with self._lock:
+            self._inflight.add(fut)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, fut: Future[Any]) -> None:
+        with self._lock:
+            self._inflight.discard(fut)
+
+    def wait_all(self) -> None:
+        """Block until every submitted job finished (re-raises a job's exception)."""
+        with self._lock:
+            futs = list(self._inflight)
+        for fut in futs:
+            fut.result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def debug_set_workers(self, n: int) -> None:
+        """TEST ONLY: replace the ordered worker by ``n`` workers (removes race-8 protection)."""
+        self.wait_all()
+        self._executor.shutdown(wait=True)
+        self._executor = ThreadPoolExecutor(max_workers=n, thread_name_prefix="freekv-recall")
+
+    def _debug(self, point: str) -> None:
+        if self.debug_delay_s > 0:
+            time.sleep(self.debug_delay_s)
+        if self.debug_hook is not None:
+            self.debug_hook(point)
+
+    # ------------------------------------------------------------------ copies
+    def recall(
+        self,
+        layer: int,
+        host_ids: torch.Tensor,
+        heads: torch.Tensor,
+        dst_loc: torch.Tensor,
+        *,
+        mode: str,
+        before_scatter: Fence | None = None,
+        heads_cpu: torch.Tensor | None = None,
+    ) -> torch.cuda.Event | None:
+        """Copy ``n`` host blocks ``kv[layer, host_ids[i], heads[i]]`` to the device.
+
+        Parameters
+        ----------
+        layer : host-pool layer index (same as the model layer).
+        host_ids : ``[n]`` int64, cpu: host page ids (the worker D2H'd them).
+        heads : ``[n]`` int32, device: destination KV head.
+        heads_cpu : ``[n]`` int64 cpu copy of ``heads`` if the caller has it (saves a D2H).
+        dst_loc : ``[n]`` int64, device: first device row of the destination slot.
+        mode : ``"sync"`` (main thread, correction) or ``"async"`` (worker thread only).
+        before_scatter : on CPU an object with ``.wait()``; on CUDA a ``torch.cuda.Event``;
+            the scatter is ordered after it (race 5: attention must be done reading slots).
+
+        Returns on CUDA the event recorded after the last scatter (the caller's stream must
+        wait it before reading the slots); None on CPU (copies are complete on return).
+        """
+        st = self._sets[mode]
+        n = int(host_ids.numel())
+        h = self.pool.num_kv_heads
+        src = self.pool.kv[layer].view(self.pool.num_pages * h, *st.device_bufs[0].shape[1:])
+        hc = heads if heads_cpu is None else heads_cpu
+        flat = host_ids.to("cpu", torch.int64) * h + hc.to("cpu", torch.int64)  # [n] block ids
+        kbuf, vbuf = self.k_buffers[layer], self.v_buffers[layer]
+        if not self.cuda:
+            for g, a in enumerate(range(0, n, st.cap)):
+                m = min(st.cap, n - a)
+                buf = st.device_bufs[g % self.num_staging][:m]  # [m, 2, P, D]
+                torch.index_select(src, 0, flat[a : a + m], out=buf)
+                self._debug("gathered")
+                if before_scatter is not None:
+                    before_scatter.wait()  # SYNC: the slots' previous readers are done (5)
+                _scatter(buf, kbuf, vbuf, dst_loc[a : a + m], heads[a : a + m])
+            return None
+        return self._recall_cuda(st, src, flat, kbuf, vbuf, heads, dst_loc, before_scatter)
+
+    def _recall_cuda(
+        self,
+        st: _StagingSet,
+        src: torch.Tensor,
+        flat: torch.Tensor,
+        kbuf: torch.Tensor,
+        vbuf: torch.Tensor,
+        heads: torch.Tensor,
+        dst_loc: torch.Tensor,
+        before_scatter: Fence | None,
+    ) -> torch.cuda.Event:
+        n = int(flat.numel())
+        # SYNC: host pages written through by D2H (backup stream) must have landed before the
+        # CPU gather reads them.
+        self.pool.wait_writes()
+        producer = torch.cuda.current_stream(self.device)
+        start = torch.cuda.Event()
+        start.record(producer)
+        for b in range(self.num_staging):
+            # STREAM: copies/scatters come after the producer of heads/dst_loc (selection) and
+            # after everything the caller enqueued before (its previous attention reads).
+            st.streams[b].wait_event(start)
+            if before_scatter is not None:
+                st.streams[b].wait_event(before_scatter)  # STREAM: attention done (race 5)
+        for t in (heads, dst_loc):
+            for s in st.streams:
+                # REUSE: made on the producer stream, read on the staging streams.
+                t.record_stream(s)
+        used = set()
+        for g, a in enumerate(range(0, n, st.cap)):
+            b = g % self.num_staging
+            m = min(st.cap, n - a)
+            used.add(b)
+            # REUSE: pinned buffer b is refilled only after its previous H2D has finished.
+            # SYNC: host-side wait on that copy (the other buffer keeps the DMA engine busy).
+            st.h2d_done[b].synchronize()
+            host = st.host_bufs[b][:m]
+            torch.index_select(src, 0, flat[a : a + m], out=host)  # CPU gather, pinned
+            self._debug("gathered")
+            with torch.cuda.stream(st.streams[b]):
+                # REUSE: device buffer b was last read by the scatter of group g - 2 on this
+                # same stream, so stream order protects it.
+                dev = st.device_bufs[b][:m]
+                dev.copy_(host, non_blocking=True)  # one H2D per group
+                st.h2d_done[b].record()
+                _scatter(dev, kbuf, vbuf, dst_loc[a : a + m], heads[a : a + m])
+        end = torch.cuda.Event()
+        main = st.streams[0]
+        for b in used - {0}:
+            ev = torch.cuda.Event()
+            ev.record(st.streams[b])
+            main.wait_event(ev)  # STREAM: fold the other staging stream into stream 0
+        end.record(main)
+        return end
+
+
+def _scatter(staging: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,
+             dst_loc: torch.Tensor, heads: torch.Tensor) -> None:
+    from sglang_freekv.kernels.scatter import recall_scatter
+
+    recall_scatter(staging, kbuf, vbuf, dst_loc, heads)

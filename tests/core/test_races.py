@@ -1,0 +1,120 @@
+"""One test per race of freekv-method.md §8 (items 5-9).
+
+Each test runs a speculative decode with the CPU worker's debug hooks widening the race
+window, and checks the selection rule (b) / slot content (c) or the attention output.
+It passes with the protection and is shown to FAIL with the protection removed
+(``cache.debug_unsafe`` / ``debug_set_workers``), so removing a protection breaks it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from sglang_freekv.reference import ReferenceDecoder
+
+from .conftest import RuleChecker, make_cfg
+
+
+def _decoder(tau: float | None = None, **kw: object) -> ReferenceDecoder:
+    cfg = make_cfg(16, k=3, tau=tau)
+    return ReferenceDecoder(cfg, num_layers=3, num_qo_heads=4, num_kv_heads=2, max_len=400,
+                            recall_group_blocks=2, seed=7, **kw)  # type: ignore[arg-type]
+
+
+def _worker_sleep(point: str, seconds: float) -> Callable[[str], None]:
+    def hook(p: str) -> None:
+        if p == point and threading.current_thread().name.startswith("freekv-recall"):
+            time.sleep(seconds)
+    return hook
+
+
+def _run(dec: ReferenceDecoder, steps: int, *, late: float | None = None,
+         check: bool = True) -> None:
+    rows = [dec.add_request(n) for n in (150, 183, 230)]
+    checker = RuleChecker(dec) if check else None
+    try:
+        for s in range(steps):
+            out = dec.step(rows, on_layer=checker, late_attention_s=late)
+            if late is not None:
+                for layer, (o, lo) in enumerate(zip(out.outputs, out.late)):
+                    assert torch.equal(o, lo), f"step {s} layer {layer}: slots changed " \
+                                               "under a running attention"
+    finally:
+        try:
+            dec.cache.recall.wait_all()
+        except Exception:  # noqa: BLE001 - a job broken by the unsafe mode
+            pass
+    for r in rows:
+        dec.remove_request(r)
+    assert dec.cache.host.used_pages == 0
+
+
+@pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
+def test_race5_scatter_waits_attention(unsafe: bool) -> None:
+    """(5) The speculative scatter must not overwrite slots a running attention reads."""
+    dec = _decoder()
+    if unsafe:
+        dec.cache.debug_unsafe.add("no_attn_done")
+    if unsafe:
+        with pytest.raises(AssertionError, match="under a running attention"):
+            _run(dec, 8, late=0.03, check=False)
+    else:
+        _run(dec, 8, late=0.03, check=False)
+
+
+@pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
+def test_race6_selection_reads_persistent_q(unsafe: bool) -> None:
+    """(6) The job selects with the persistent last_q, not the engine's reused q buffer."""
+    dec = _decoder(reuse_q_buffer=True)
+    dec.cache.recall.debug_hook = _worker_sleep("job_start", 0.02)
+    if unsafe:
+        dec.cache.debug_unsafe.add("shared_q")
+        with pytest.raises(AssertionError):
+            _run(dec, 10)
+    else:
+        _run(dec, 10)
+
+
+@pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
+def test_race7_wait_job_future_before_event(unsafe: bool) -> None:
+    """(7) before_attention waits the job (Future, then event): no stale slots attended."""
+    dec = _decoder()
+    dec.cache.recall.debug_hook = _worker_sleep("job_start", 0.03)
+    if unsafe:
+        dec.cache.debug_unsafe.add("no_wait_future")
+        with pytest.raises(AssertionError):
+            _run(dec, 10)
+    else:
+        _run(dec, 10)
+
+
+@pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
+def test_race8_layers_do_not_share_staging(unsafe: bool) -> None:
+    """(8) Two layers' jobs in flight: each scatters its own layer's data."""
+    dec = _decoder()
+    dec.cache.recall.debug_hook = _worker_sleep("gathered", 0.01)
+    if unsafe:
+        dec.cache.recall.debug_set_workers(2)
+        with pytest.raises(AssertionError):
+            _run(dec, 10)
+    else:
+        _run(dec, 10)
+
+
+@pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
+def test_race9_flags_snapshot_per_job(unsafe: bool) -> None:
+    """(9) The job's head mask is a snapshot: the next layer's flags must not leak in."""
+    # sigma 0.5 => cos ~ tau: about half the heads corrected, differently per layer.
+    dec = _decoder(tau=0.8, q_noise=(0.5,))
+    dec.cache.recall.debug_hook = _worker_sleep("job_start", 0.02)
+    if unsafe:
+        dec.cache.debug_unsafe.add("no_flag_snapshot")
+        with pytest.raises(AssertionError):
+            _run(dec, 12)
+    else:
+        _run(dec, 12)
