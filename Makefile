@@ -7,7 +7,8 @@ HOST ?= 127.0.0.1
 PORT ?= 30000
 # Extra flags for the server, e.g. make serve SERVE_ARGS='--tp 2'
 SERVE_ARGS ?=
-KV_POLICY ?= freekv
+# The FreeKV serving path lands with issue #4; until then `make serve` runs the stock policy.
+KV_POLICY ?= default
 FREEKV_CONFIG ?=
 PYTEST_ARGS ?=
 
@@ -29,7 +30,11 @@ model: install
 
 serve: install
 	@MODEL=$$($(PY) -m sglang_freekv.models smollm2) || exit 1; \
-	$(PY) -m sglang_freekv.serve --model-path "$$MODEL" --host $(HOST) --port $(PORT) \
+	if [ "$(KV_POLICY)" = default ]; then \
+	  echo "make serve: serving with --kv-policy default (the FreeKV serving path is not built yet)"; \
+	fi; \
+	echo "make serve: $$MODEL on http://$(HOST):$(PORT)"; \
+	exec $(PY) -m sglang.launch_server --model-path "$$MODEL" --host $(HOST) --port $(PORT) \
 	  --kv-policy $(KV_POLICY) $(if $(FREEKV_CONFIG),--freekv-config '$(FREEKV_CONFIG)') $(SERVE_ARGS)
 
 test: install

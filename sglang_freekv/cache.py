@@ -17,6 +17,7 @@ Note: not CUDA-graph capturable (host syncs for any(flags) and for recall lists)
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -201,9 +202,11 @@ class FreeKVCache:
         ``q``: ``[bs, Hq, D]`` model dtype, post-RoPE query of this step. Host syncs: the
         job Future, and one D2H of the flag counts when ``tau`` is set.
         """
-        if not self._is_sparse[layer] or not plan.any_sparse:
+        if not self._is_sparse[layer]:
             return
         self._wait_job(layer)
+        if not plan.any_sparse:
+            return
         h, bs = self.num_kv_heads, plan.bs
         sparse_c = plan.sparse_cpu
         if self.cfg.speculative:
@@ -289,21 +292,23 @@ class FreeKVCache:
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))  # q-ready + attn done
+            # STREAM: recorded after last_q and the job inputs are written and after the
+            # attention enqueued on this stream: the job stream waits it (races 5 and 6).
+            ready.record(torch.cuda.current_stream(self.device))
             js = self.recall.job_stream
-            for t in (rows_j, page_table, slot_loc, cand_start, cand_end, jr, q_rows):
-                t.record_stream(js)  # REUSE: main-stream tensors read on the job stream
+            for t in (rows_j, page_table, slot_loc, cand_start, cand_end, jr, q_rows, sel,
+                      scores, head_mask):
+                if t is not None:
+                    t.record_stream(js)  # REUSE: main-stream tensors read on the job stream
         scatter_fence = None if "no_attn_done" in unsafe else attn_done
 
         def job() -> torch.cuda.Event | None:
-            ctx = torch.cuda.stream(self.recall.job_stream) if ready is not None else None
-            if ctx is not None:
-                ctx.__enter__()
-                js = self.recall.job_stream
-                js.wait_event(ready)  # STREAM: q/last_q written, attention enqueued (5, 6)
-                if isinstance(scatter_fence, torch.cuda.Event):
-                    js.wait_event(scatter_fence)  # STREAM: attention on another stream (5)
-            try:
+            js = self.recall.job_stream
+            with torch.cuda.stream(js) if js is not None else contextlib.nullcontext():
+                if js is not None and ready is not None:
+                    js.wait_event(ready)  # STREAM: q/last_q written, attention enqueued (5, 6)
+                    if isinstance(scatter_fence, torch.cuda.Event):
+                        js.wait_event(scatter_fence)  # STREAM: attention on another stream (5)
                 s, sc, mask = sel, scores, head_mask
                 if s is None:
                     qj = q_src[q_rows]  # [bj, Hq, D]
@@ -312,13 +317,21 @@ class FreeKVCache:
                 if mask is None:
                     mask = ~flags_src[jr] if flags_src is not None else torch.ones(
                         s.shape[:2], dtype=torch.bool, device=s.device)
-                fence = scatter_fence if ready is None else None
-                return apply_selection(self, layer, rows_j, slot_loc, page_table, s, sc, mask,
-                                       mode="async", before_scatter=fence)
-            finally:
-                if ctx is not None:
-                    ctx.__exit__(None, None, None)
+                # CPU: the scatter waits the attn_done fence itself (CUDA: stream wait above).
+                fence = scatter_fence if js is None else None
+                end = apply_selection(self, layer, rows_j, slot_loc, page_table, s, sc, mask,
+                                      mode="async", before_scatter=fence)
+                if js is None:
+                    return None
+                if end is not None:
+                    js.wait_event(end)  # STREAM: fold the copies into the job stream
+                done = torch.cuda.Event()
+                # STREAM: the residency update is on the job stream too, so always hand back an
+                # event (recorded by this job, never reused: no stale wait, race 7).
+                done.record(js)
+                return done
 
+        self._wait_job(layer)  # SYNC: normally a no-op; one job per layer in flight
         self._jobs[layer] = self.recall.submit(job)
 
     # ------------------------------------------------------------------ internals

@@ -164,7 +164,7 @@ class FreeKVHostPool:
                 first = int(ids[a])
                 self.kv[layer, first : first + (b - a)].copy_(blocks[a:b], non_blocking=True)
             event = torch.cuda.Event()
-            event.record(stream)
+            event.record(stream)  # STREAM: all writes so far (one in-order backup stream)
         self._last_write = event
 
     def wait_writes(self) -> None:

@@ -127,7 +127,7 @@ class FreeKVRecallEngine:
         with self._lock:
             futs = list(self._inflight)
         for fut in futs:
-            fut.result()
+            fut.result()  # SYNC: host wait for the worker (release / shutdown paths only)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -175,7 +175,8 @@ class FreeKVRecallEngine:
         st = self._sets[mode]
         n = int(host_ids.numel())
         h = self.pool.num_kv_heads
-        src = self.pool.kv[layer].view(self.pool.num_pages * h, *st.device_bufs[0].shape[1:])
+        # [num_pages * H, 2*P*D] HND blocks as wide integer rows (fast CPU gather)
+        src = _wide(self.pool.kv[layer].view(self.pool.num_pages * h, -1))
         hc = heads if heads_cpu is None else heads_cpu
         flat = host_ids.to("cpu", torch.int64) * h + hc.to("cpu", torch.int64)  # [n] block ids
         kbuf, vbuf = self.k_buffers[layer], self.v_buffers[layer]
@@ -183,7 +184,7 @@ class FreeKVRecallEngine:
             for g, a in enumerate(range(0, n, st.cap)):
                 m = min(st.cap, n - a)
                 buf = st.device_bufs[g % self.num_staging][:m]  # [m, 2, P, D]
-                torch.index_select(src, 0, flat[a : a + m], out=buf)
+                torch.index_select(src, 0, flat[a : a + m], out=_wide(buf.view(m, -1)))
                 self._debug("gathered")
                 if before_scatter is not None:
                     before_scatter.wait()  # SYNC: the slots' previous readers are done (5)
@@ -208,7 +209,7 @@ class FreeKVRecallEngine:
         self.pool.wait_writes()
         producer = torch.cuda.current_stream(self.device)
         start = torch.cuda.Event()
-        start.record(producer)
+        start.record(producer)  # STREAM: fresh event per call, waited just below
         for b in range(self.num_staging):
             # STREAM: copies/scatters come after the producer of heads/dst_loc (selection) and
             # after everything the caller enqueued before (its previous attention reads).
@@ -228,14 +229,14 @@ class FreeKVRecallEngine:
             # SYNC: host-side wait on that copy (the other buffer keeps the DMA engine busy).
             st.h2d_done[b].synchronize()
             host = st.host_bufs[b][:m]
-            torch.index_select(src, 0, flat[a : a + m], out=host)  # CPU gather, pinned
+            torch.index_select(src, 0, flat[a : a + m], out=_wide(host.view(m, -1)))  # gather
             self._debug("gathered")
             with torch.cuda.stream(st.streams[b]):
                 # REUSE: device buffer b was last read by the scatter of group g - 2 on this
                 # same stream, so stream order protects it.
                 dev = st.device_bufs[b][:m]
                 dev.copy_(host, non_blocking=True)  # one H2D per group
-                st.h2d_done[b].record()
+                st.h2d_done[b].record()  # STREAM: marks pinned buffer b free again
                 _scatter(dev, kbuf, vbuf, dst_loc[a : a + m], heads[a : a + m])
         end = torch.cuda.Event()
         main = st.streams[0]
@@ -243,12 +244,34 @@ class FreeKVRecallEngine:
             ev = torch.cuda.Event()
             ev.record(st.streams[b])
             main.wait_event(ev)  # STREAM: fold the other staging stream into stream 0
-        end.record(main)
+        end.record(main)  # STREAM: fresh event; the caller's stream waits it
         return end
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Bit-identical view of a row-major 2-D tensor with the widest integer element that
+    divides a row: CPU index_select/index_put are ~15x faster on int64 than on bf16 rows."""
+    row_bytes = t.shape[-1] * t.element_size()
+    for dt in (torch.int64, torch.int32, torch.int16):
+        size = torch.empty((), dtype=dt).element_size()
+        if row_bytes % size == 0 and t.element_size() <= size:
+            return t.view(dt)
+    return t
 
 
 def _scatter(staging: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,
              dst_loc: torch.Tensor, heads: torch.Tensor) -> None:
+    """``recall_scatter`` semantics; on CPU an ``index_copy_`` over flattened (row, head)
+    vectors, ~100x faster than the reference's 2-D advanced-index put."""
+    if kbuf.device.type == "cpu" and kbuf.is_contiguous() and vbuf.is_contiguous():
+        n, _, p, d = staging.shape
+        h = kbuf.shape[1]
+        rows = dst_loc.to(torch.int64)[:, None] + torch.arange(p)  # [n, P]
+        flat = rows * h + heads.to(torch.int64)[:, None]  # [n, P] (row, head) vector ids
+        for i, buf in enumerate((kbuf, vbuf)):
+            # [n, P, D] strided source, no copy: the index keeps the [n, P] shape
+            _wide(buf.view(-1, d)).index_put_((flat,), _wide(staging[:, i]))
+        return
     from sglang_freekv.kernels.scatter import recall_scatter
 
     recall_scatter(staging, kbuf, vbuf, dst_loc, heads)

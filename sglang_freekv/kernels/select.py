@@ -212,8 +212,9 @@ def score_pages(
         return out
     raw = torch.empty((bs, num_qo_heads, max_pages), dtype=torch.float32, device=q.device)
     block_d = next_power_of_2(head_dim)
-    # Keep one digest tile at ~8K fp32 elements per operand: 64 pages at head_dim 128.
-    block_p = max(1, min(next_power_of_2(max_pages), 8192 // block_d, 128))
+    # ~4K fp32 elements per digest tile (32 pages at head_dim 128): two tiles stay in
+    # registers at 4 warps, and a 128K-token request still spreads over 128 programs.
+    block_p = max(1, min(next_power_of_2(max_pages), 4096 // block_d, 64))
     grid = (bs, num_kv_heads, triton.cdiv(max_pages, block_p))
     _raw_score_kernel[grid](
         q, digests, page_table, cand_start, cand_end, raw,

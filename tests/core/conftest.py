@@ -9,6 +9,7 @@ from sglang_freekv.config import FreeKVConfig
 from sglang_freekv.reference import ReferenceDecoder, group_cosine
 
 HAS_CUDA = torch.cuda.is_available()
+torch.set_num_threads(1)  # tiny shapes; avoids OpenMP oversubscription next to the worker
 
 
 @pytest.fixture(autouse=True)

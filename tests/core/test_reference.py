@@ -14,7 +14,8 @@ GQA = [pytest.param(2, 2, id="gs1"), pytest.param(8, 2, id="gs4")]
 
 def _run_schedule(dec: ReferenceDecoder, lens: list[int], steps: int, checker=None,
                   on_step=None) -> None:
-    """Ragged batch; one request joins at step 3, one leaves at step 8, one joins at 12."""
+    """Ragged batch; one request joins at step 3, one sits out step 5, one leaves at step 8,
+    one joins at step 12 (reusing the freed row)."""
     rows = [dec.add_request(n) for n in lens]
     for s in range(steps):
         if s == 3:
@@ -26,7 +27,8 @@ def _run_schedule(dec: ReferenceDecoder, lens: list[int], steps: int, checker=No
                 checker.forget(gone)
         if s == 12:
             rows.append(dec.add_request(lens[-1] + 3))
-        out = dec.step(rows, on_layer=checker)
+        batch = rows[1:] if s == 5 else rows  # a request sits out one step
+        out = dec.step(batch, on_layer=checker)
         if on_step is not None:
             on_step(out)
     for r in rows:
@@ -105,3 +107,20 @@ def test_cuda_budget_covers_context_is_exact() -> None:
 
     _run_schedule(dec, [101, 31, 288], steps=40, on_step=exact)
     dec.cache.close()
+
+
+@pytest.mark.parametrize("q_noise", [(0.2, 0.5), (0.5,)])
+def test_candidate_growth_with_correction(q_noise: tuple[float, ...]) -> None:
+    """Staggered lengths: every few steps some request opens a page, so its candidate range
+    grows while corrections are frequent; sel_t must not be reused across a range change."""
+    cfg = make_cfg(16, k=3, tau=0.8)
+    dec = ReferenceDecoder(cfg, num_layers=2, num_qo_heads=4, num_kv_heads=2, max_len=400,
+                           seed=1, q_noise=q_noise)
+    rows = [dec.add_request(16 * 7 + 3 * i) for i in range(5)]
+    checker = RuleChecker(dec)
+    for _ in range(56):  # > nw pages: pages completed in decode become candidates
+        dec.step(rows, on_layer=checker)
+    st = dec.cache.stats()
+    assert 0 < st["corrected_heads"] < st["checked_heads"]
+    for r in rows:
+        dec.remove_request(r)

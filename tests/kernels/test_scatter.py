@@ -76,9 +76,9 @@ def test_recall_scatter_matches_ref(
 
 def test_recall_scatter_int32_loc_and_strided(device: torch.device) -> None:
     """int32 dst_loc, a strided staging view and K/V buffers that are views of one tensor."""
-    staging, _, _, dst_loc, dst_head = _make_recall(4, 16, 2, 24, torch.float32, device,
+    staging, k, _, dst_loc, dst_head = _make_recall(4, 16, 2, 24, torch.float32, device,
                                                     torch.int32)
-    kv = torch.randn(2, 64, 2, 24, device=device)  # one allocation for both buffers
+    kv = torch.randn(2, *k.shape, device=device)  # one allocation for both buffers
     wide = torch.randn(4, 2, 16, 40, device=device)
     wide[..., :24] = staging
     staged = wide[..., :24]  # [4, 2, 16, 24], stride (1280, 640, 40, 1)

@@ -1,0 +1,114 @@
+"""Shared test helpers: seeding, the embedded model, and a real SGLang server on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def embedded_model_path() -> str:
+    from sglang_freekv.models import prepare
+
+    return str(prepare("smollm2"))
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def generate(self, text: str, max_new_tokens: int = 16, **params: object) -> dict:
+        sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, **params}
+        resp = requests.post(
+            f"{self.url}/generate",
+            json={"text": text, "sampling_params": sampling},
+            timeout=600,
+        )
+        resp.raise_for_status()
+        return resp.json()
+
+
+@contextmanager
+def run_server(
+    args: Sequence[str], tmp_path: Path, *, timeout_s: float = 300.0, env: dict | None = None
+) -> Iterator[Server]:
+    """Start `python -m sglang.launch_server` on a free loopback port; stop it afterwards."""
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    cmd = [
+        sys.executable, "-m", "sglang.launch_server",
+        "--host", "127.0.0.1", "--port", str(port),
+        *args,
+    ]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+    server = Server(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+            try:
+                if requests.get(f"{server.url}/health_generate", timeout=30).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not ready in {timeout_s}s:\n{server.log()[-4000:]}")
+            time.sleep(2)
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def hf_greedy(model_path: str, prompts: Sequence[str], max_new_tokens: int, dtype: str) -> list[list[int]]:
+    """Greedy token ids from HF transformers (the reference implementation)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    model.eval()
+    out: list[list[int]] = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            gen = model.generate(
+                ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+            new = gen[0, ids.shape[1]:].tolist()
+            if tok.eos_token_id in new:  # SGLang stops at EOS and does not return it
+                new = new[: new.index(tok.eos_token_id)]
+            out.append(new)
+    return out

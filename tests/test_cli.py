@@ -1,0 +1,98 @@
+"""`--kv-policy` / `--freekv-config` on `python -m sglang.launch_server`."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import embedded_model_path
+
+
+def _launch(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess[str], float]:
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    return out, time.monotonic() - start
+
+
+def test_help_lists_the_flags() -> None:
+    out, _ = _launch("--help")
+    assert out.returncode == 0
+    assert "--kv-policy {default,freekv}" in out.stdout
+    assert "--freekv-config JSON" in out.stdout
+
+
+BAD = [
+    ('{"budget": 1000}', "budget=1000", "multiple of page_size (32)"),
+    ("{budget: 1}", "is not valid JSON", "JSON"),
+    ('{"sink": 1024, "window": 1024}', "budget=2048", "must exceed sink + window"),
+    ('{"tau": 2}', "tau=2", "in [-1, 1]"),
+    ('{"dense_layers": [0, 30]}', "dense_layers=[0, 30]", "out of range"),
+    ('{"speed": 1}', "speed=1", "unknown key"),
+]
+
+
+@pytest.mark.parametrize("cfg,field,rule", BAD, ids=[b[0] for b in BAD])
+def test_invalid_config_exits_with_one_line(cfg: str, field: str, rule: str) -> None:
+    model = embedded_model_path()
+    out, elapsed = _launch("--model-path", model, "--kv-policy", "freekv", "--freekv-config", cfg)
+    assert out.returncode == 2
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, out.stderr[-2000:]
+    assert field in errors[0] and rule in errors[0]
+    assert "Traceback" not in out.stderr
+    assert elapsed < 60
+
+
+def test_config_without_freekv_policy_is_refused() -> None:
+    out, _ = _launch("--model-path", embedded_model_path(), "--freekv-config", '{"budget": 1024}')
+    assert out.returncode == 2 and "only applies with --kv-policy freekv" in out.stderr
+
+
+def test_mla_model_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["DeepseekV3ForCausalLM"], "kv_lora_rank": 512, "num_hidden_layers": 4}'
+    )
+    out, _ = _launch("--model-path", str(tmp_path), "--kv-policy", "freekv")
+    assert out.returncode == 2
+    assert "uses mla attention" in out.stderr and "Traceback" not in out.stderr
+
+
+PROBE = """
+import os, pickle, sys
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.server_args import prepare_server_args
+args = prepare_server_args(sys.argv[1:])
+clone = pickle.loads(pickle.dumps(args))  # what each scheduler process receives
+print(clone._freekv_policy, clone._freekv_config, os.environ.get("SGLANG_FREEKV_CONFIG"))
+"""
+
+
+def test_policy_rides_on_the_pickled_record_and_env() -> None:
+    cfg = '{"budget": 1024, "sink": 64, "window": 128, "speculative": false}'
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, "--model-path", embedded_model_path(),
+         "--kv-policy", "freekv", "--freekv-config", cfg],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    policy, rest = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert policy == "freekv"
+    assert rest.count('"speculative": false') == 2 and rest.count('"budget": 1024') == 2
+
+
+def test_default_policy_leaves_record_untouched() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, "--model-path", embedded_model_path()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "default None None"
