@@ -112,6 +112,16 @@ class FreeKVCache:
         self.checks_per_layer = [0] * num_layers
         self.debug_unsafe: set[str] = set()  # TEST ONLY: names in UNSAFE_KNOBS
 
+    @property
+    def req_slot_loc(self) -> torch.Tensor:
+        """``[max_reqs, budget_pages]`` int64, device: first row of each budget slot."""
+        return self.t.slot_loc
+
+    @property
+    def req_host_pages(self) -> torch.Tensor:
+        """``[max_reqs, max_pages_per_req]`` int32, device: host page id per page (-1)."""
+        return self.t.host_pages
+
     # ------------------------------------------------------------------ requests
     def admit(self, req_row: int, slot_loc: torch.Tensor) -> None:
         """Give request row ``req_row`` its budget slots.

@@ -24,9 +24,12 @@ def _strip_eos(ids: list[int], eos: int = 2) -> list[int]:
 
 
 def test_tp1_default_policy_matches_transformers(tmp_path: Path) -> None:
+    """Compared in float32: in bf16 one of these prompts hits a near-tie (" red" vs ":") at
+    its 4th token and the two engines' different summation orders flip it."""
     model = embedded_model_path()
-    expected = hf_greedy(model, PROMPTS, NEW_TOKENS, dtype="bfloat16")
-    with run_server(["--model-path", model, "--kv-policy", "default"], tmp_path) as server:
+    expected = hf_greedy(model, PROMPTS, NEW_TOKENS, dtype="float32")
+    args = ["--model-path", model, "--dtype", "float32", "--kv-policy", "default"]
+    with run_server(args, tmp_path) as server:
         got = [_strip_eos(server.generate(p, NEW_TOKENS)["output_ids"]) for p in PROMPTS]
         log = server.log()
     assert got == expected
