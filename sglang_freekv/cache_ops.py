@@ -91,7 +91,8 @@ def write_prompt(cache: FreeKVCache, row: int, prompt_len: int, prompt_loc: torc
     full = prompt_len // p
     n_sink = min(g.sink_pages, n_pages)
     n_res = min(max(0, n_pages - g.sink_pages - g.window_pages), g.top_k)
-    win_start = max(g.sink_pages, n_pages - g.window_pages)
+    # Window pages start after the sink; a prompt shorter than the sink has none.
+    win_start = min(max(g.sink_pages, n_pages - g.window_pages), n_pages)
     ar = torch.arange
     pages = torch.cat([ar(n_sink), ar(g.sink_pages, g.sink_pages + n_res),
                        ar(win_start, n_pages)])  # [npc] logical pages to place

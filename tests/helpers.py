@@ -112,3 +112,35 @@ def hf_greedy(model_path: str, prompts: Sequence[str], max_new_tokens: int, dtyp
                 new = new[: new.index(tok.eos_token_id)]
             out.append(new)
     return out
+
+
+def post_generate(url: str, payload: dict, timeout: float = 600) -> requests.Response:
+    """POST /generate without raising on HTTP errors (for tests of refused requests)."""
+    return requests.post(f"{url}/generate", json=payload, timeout=timeout)
+
+
+def generate_ids(
+    server: Server, input_ids: Sequence[int], max_new_tokens: int = 16, **params: object
+) -> dict:
+    """Greedy /generate from token ids (exact prompt length, no server-side tokenization)."""
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, **params}
+    resp = post_generate(server.url, {"input_ids": list(input_ids), "sampling_params": sampling})
+    resp.raise_for_status()
+    return resp.json()
+
+
+def metric_values(url: str, name: str) -> list[float]:
+    """Every sample of one Prometheus metric at GET /metrics (one per label set, e.g. tp_rank).
+
+    An empty list means the metric is not exported.
+    """
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    values: list[float] = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric = head.split("{", 1)[0].strip()
+        if metric == name:
+            values.append(float(value))
+    return values

@@ -38,6 +38,8 @@ _FROM = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _SCHED = "sglang.srt.managers.scheduler.Scheduler.__init__"
 
 POLICY_ATTR = "_freekv_policy"
+DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds `budget` device rows
+HOST_FRACTION = 0.4  # share of free RAM the host tier takes when host_memory_gb is null
 CONFIG_ATTR = "_freekv_config"
 
 
@@ -98,6 +100,73 @@ def resolve_policy(policy: str, config_json: str | None, model_path: str | None)
     return config.to_json()
 
 
+def _bytes_per_token(model_path: str | None, dtype: str) -> int | None:
+    """Host-tier bytes of one token over all layers and KV heads (None if unknown)."""
+    if not model_path or not (Path(model_path) / "config.json").is_file():
+        return None
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    layers = text.get("num_hidden_layers")
+    heads = text.get("num_key_value_heads") or text.get("num_attention_heads")
+    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // max(1, text.get("num_attention_heads", 1)))
+    if not (layers and heads and head_dim):
+        return None
+    if dtype in ("auto", None):
+        dtype = str(text.get("dtype") or text.get("torch_dtype") or "bfloat16")
+    elem = 4 if "32" in dtype or dtype == "float" else 2
+    return 2 * int(layers) * int(heads) * int(head_dim) * elem
+
+
+def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
+    """Launcher-side settings the FreeKV serving path needs (one line each, no surprises)."""
+    if not getattr(args, "disable_radix_cache", False):
+        raise FreeKVConfigError(
+            "freekv-config: radix cache: --kv-policy freekv needs --disable-radix-cache "
+            "(prefix sharing with FreeKV is not supported yet)"
+        )
+    for flag, bad in (("speculative_algorithm", None), ("enable_dp_attention", False),
+                      ("enable_mixed_chunk", False)):
+        value = getattr(args, flag, bad)
+        if value not in (bad, None, False):
+            raise FreeKVConfigError(
+                f"freekv-config: --{flag.replace('_', '-')}={value}: is not supported with "
+                "--kv-policy freekv"
+            )
+    if (getattr(args, "pp_size", 1) or 1) > 1:
+        raise FreeKVConfigError("freekv-config: --pp-size: pipeline parallelism is not "
+                                "supported with --kv-policy freekv")
+    backend = getattr(args, "attention_backend", None)
+    if backend not in (None, "freekv"):
+        raise FreeKVConfigError(
+            f"freekv-config: --attention-backend={backend}: --kv-policy freekv brings its own "
+            "attention backend; drop the flag")
+    args.attention_backend = "freekv"
+    args.disable_overlap_schedule = True
+    args.disable_cuda_graph = True
+    print("freekv: overlap scheduler and CUDA graphs are off with --kv-policy freekv "
+          "(recall and correction synchronise with the host)", file=sys.stderr, flush=True)
+    if getattr(args, "max_running_requests", None) is None:
+        args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+    per_token = _bytes_per_token(getattr(args, "model_path", None), getattr(args, "dtype", "auto"))
+    if per_token is None:
+        return
+    if config.host_memory_gb is not None:
+        host_bytes = int(config.host_memory_gb * 2**30)
+        source = "host_memory_gb"
+    else:
+        import psutil
+
+        host_bytes = int(psutil.virtual_memory().available * HOST_FRACTION)
+        source = f"{int(HOST_FRACTION * 100)}% of free RAM"
+    tokens = max(config.budget, host_bytes // per_token)
+    current = getattr(args, "max_total_tokens", None)
+    if current is None or current > tokens:
+        args.max_total_tokens = tokens
+    print(f"freekv: host tier {host_bytes / 2**30:.2f} GiB ({source}) holds "
+          f"{host_bytes // per_token} tokens; max_total_tokens={args.max_total_tokens}",
+          file=sys.stderr, flush=True)
+
+
 def from_cli_args(orig: Any, cls: type, args: argparse.Namespace) -> Any:
     policy = getattr(args, "kv_policy", None) or os.environ.get(ENV_POLICY, "default")
     config_json = getattr(args, "freekv_config", None)
@@ -105,6 +174,8 @@ def from_cli_args(orig: Any, cls: type, args: argparse.Namespace) -> Any:
         config_json = os.environ.get(ENV_CONFIG)
     try:
         resolved = resolve_policy(policy, config_json, getattr(args, "model_path", None))
+        if resolved is not None:
+            apply_freekv_args(args, FreeKVConfig.from_json(resolved))
     except FreeKVConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

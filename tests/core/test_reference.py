@@ -124,3 +124,20 @@ def test_candidate_growth_with_correction(q_noise: tuple[float, ...]) -> None:
     assert 0 < st["corrected_heads"] < st["checked_heads"]
     for r in rows:
         dec.remove_request(r)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_prompts_shorter_than_the_sink(page_size: int) -> None:
+    """Prompts of fewer pages than the sink (no window pages yet) grow through every regime
+    and stay exact while the budget covers them."""
+    cfg = make_cfg(page_size, k=2, sink=3, window=2)
+    dec = ReferenceDecoder(cfg, num_layers=2, num_qo_heads=4, num_kv_heads=2,
+                           max_len=12 * page_size)
+    rows = [dec.add_request(n) for n in (3, page_size + 1, 2 * page_size)]
+    for _ in range(2 * page_size):
+        out = dec.step(rows)
+        for o, d in zip(out.outputs, out.dense):
+            assert torch.equal(o, d)
+    for r in rows:
+        dec.remove_request(r)
+    assert dec.cache.host.used_pages == 0

@@ -1,0 +1,66 @@
+"""Prometheus metrics of FreeKV, per TP rank (exported at /metrics with --enable-metrics).
+
+SGLang sets PROMETHEUS_MULTIPROC_DIR before spawning schedulers, so metrics created in a
+scheduler process are aggregated by the HTTP server. Counters are fed with deltas of
+``FreeKVCache.stats()`` once per decode step and on every release; gauges use the
+``mostrecent`` multiprocess mode so an idle server reads 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+COUNTERS = {
+    "recall_bytes": ("sglang:freekv_recall_bytes", "Bytes recalled from the host tier"),
+    "recalled_pages": ("sglang:freekv_recalled_pages", "(page, KV head) blocks recalled"),
+    "checked_heads": ("sglang:freekv_checked_heads", "(request, KV head) drift checks"),
+    "corrected_heads": ("sglang:freekv_corrected_heads", "(request, KV head) corrections"),
+}
+GAUGES = {
+    "host_pages_used": ("sglang:freekv_host_pages_used", "Host-tier pages held by requests"),
+    "device_pages_used": ("sglang:freekv_device_pages_used",
+                          "Device pages (budget slots + prefill staging) held by requests"),
+}
+
+
+@dataclass
+class FreeKVMetrics:
+    tp_rank: int
+    counters: dict[str, Any] = field(default_factory=dict)
+    gauges: dict[str, Any] = field(default_factory=dict)
+    last: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, tp_rank: int) -> FreeKVMetrics:
+        from sglang.srt.runtime_context import get_observability
+
+        out = cls(tp_rank)
+        if not get_observability().enable_metrics:
+            return out
+        from prometheus_client import Counter, Gauge
+
+        for key, (name, doc) in COUNTERS.items():
+            out.counters[key] = Counter(name, doc, labelnames=["tp_rank"]).labels(
+                tp_rank=str(tp_rank))
+        for key, (name, doc) in GAUGES.items():
+            out.gauges[key] = Gauge(name, doc, labelnames=["tp_rank"],
+                                    multiprocess_mode="mostrecent").labels(tp_rank=str(tp_rank))
+        return out
+
+    def update(self, backend: Any) -> None:
+        if not self.counters:
+            return
+        stats = backend.cache.stats()
+        for key, counter in self.counters.items():
+            value = int(stats[key])
+            delta = value - self.last.get(key, 0)
+            if delta > 0:
+                counter.inc(delta)
+            self.last[key] = value
+        pool = backend.pool
+        p = backend.cache.g.page_size
+        device_pages = len(backend.committed) * backend.cache.g.budget_pages
+        device_pages += -(-pool.staging.used // p)
+        self.gauges["host_pages_used"].set(int(stats["host_pages_used"]))
+        self.gauges["device_pages_used"].set(device_pages)
