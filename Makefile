@@ -7,8 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 30000
 # Extra flags for the server, e.g. make serve SERVE_ARGS='--tp 2'
 SERVE_ARGS ?=
-# The FreeKV serving path lands with issue #4; until then `make serve` runs the stock policy.
-KV_POLICY ?= default
+KV_POLICY ?= freekv
 FREEKV_CONFIG ?=
 PYTEST_ARGS ?=
 
@@ -30,12 +29,10 @@ model: install
 
 serve: install
 	@MODEL=$$($(PY) -m sglang_freekv.models smollm2) || exit 1; \
-	if [ "$(KV_POLICY)" = default ]; then \
-	  echo "make serve: serving with --kv-policy default (the FreeKV serving path is not built yet)"; \
-	fi; \
 	echo "make serve: $$MODEL on http://$(HOST):$(PORT)"; \
 	exec $(PY) -m sglang.launch_server --model-path "$$MODEL" --host $(HOST) --port $(PORT) \
-	  --kv-policy $(KV_POLICY) $(if $(FREEKV_CONFIG),--freekv-config '$(FREEKV_CONFIG)') $(SERVE_ARGS)
+	  --kv-policy $(KV_POLICY) $(if $(filter freekv,$(KV_POLICY)),--disable-radix-cache) \
+	  $(if $(FREEKV_CONFIG),--freekv-config '$(FREEKV_CONFIG)') --enable-metrics $(SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

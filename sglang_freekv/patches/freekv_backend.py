@@ -5,10 +5,11 @@ hooks ``ReqToTokenPool.free_rows`` (BEFORE) so every host page, budget slot and 
 a request holds is returned when SGLang frees its row (finish, abort, retraction).
 
 Per forward:
-- extend (prefill, chunked or not): prompt tokens of sparse layers get staging rows
-  (``pool.loc_map``); attention runs SGLang's torch-native SDPA over translated rows.
-- decode: requests seen for the first time are committed to FreeKV (host tier, digests,
-  budget slots; staging freed), then ``FreeKVCache.plan_decode`` once per step and, per sparse
+- extend (prefill; chunked prefill is off under FreeKV): prompt tokens of sparse layers get
+  staging rows (``pool.loc_map``); attention runs SGLang's torch-native SDPA over translated
+  rows; after the last layer every prompt is committed to FreeKV (host tier, digests, budget
+  slots) and its staging rows are returned.
+- decode: ``FreeKVCache.plan_decode`` once per step and, per sparse
   layer, ``prepare_layer`` -> token K/V write -> ``before_attention`` -> SDPA over the budget
   rows (same per-request SDPA as torch_native, so budget >= context is bit-identical) ->
   ``after_attention``. Dense layers run stock torch_native over their full-size buffers.
@@ -97,6 +98,8 @@ def create_backend(runner: Any) -> Any:
 
         def _commit(self, row: int, prompt_len: int) -> None:
             pool = self.pool
+            if row in self.committed:  # a retracted request comes back through release
+                self.release_rows([row])
             logical = self.req_to_token_pool.req_to_token[row, :prompt_len].to(torch.int64)
             prompt_rows = pool.loc_map[logical]
             chunk = pool.slots.alloc_pages(1)
@@ -125,21 +128,28 @@ def create_backend(runner: Any) -> Any:
         # ---------------------------------------------------------------- forward
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[no-untyped-def]
             if not self.pool.is_sparse_layer(layer.layer_id):
-                return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-            o = torch.empty_like(q)
-            if save_kv_cache and k is not None and v is not None:
-                self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-            hq, d = layer.tp_q_head_num, layer.qk_head_dim
-            bs = forward_batch.batch_size
-            self._run_sdpa_forward_extend(
-                q.view(-1, hq, d), o.view(-1, hq, layer.v_head_dim),
-                self.pool.k_buffer[layer.layer_id - self.pool.start_layer],
-                self.pool.v_buffer[layer.layer_id - self.pool.start_layer],
-                self.ext_table, torch.arange(bs), forward_batch.seq_lens,
-                forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens,
-                None, scaling=layer.scaling, enable_gqa=hq != layer.tp_k_head_num,
-                causal=True,
-            )
+                o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            else:
+                o = torch.empty_like(q)
+                if save_kv_cache and k is not None and v is not None:
+                    self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+                hq, d = layer.tp_q_head_num, layer.qk_head_dim
+                local = layer.layer_id - self.pool.start_layer
+                self._run_sdpa_forward_extend(
+                    q.view(-1, hq, d), o.view(-1, hq, layer.v_head_dim),
+                    self.pool.k_buffer[local], self.pool.v_buffer[local],
+                    self.ext_table, torch.arange(forward_batch.batch_size),
+                    forward_batch.seq_lens, forward_batch.extend_prefix_lens,
+                    forward_batch.extend_seq_lens, None, scaling=layer.scaling,
+                    enable_gqa=hq != layer.tp_k_head_num, causal=True,
+                )
+            if layer.layer_id == self.last_layer:
+                # Every layer has written this batch's K/V: commit the prompts (chunked
+                # prefill is off under FreeKV, so each extend holds whole prompts).
+                rows = forward_batch.req_pool_indices.tolist()
+                for row, n in zip(rows, forward_batch.seq_lens_cpu.tolist()):
+                    self._commit(row, n)
+                self.metrics.update(self)
             return o
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[no-untyped-def]

@@ -37,6 +37,26 @@ STAGING_TOKENS = 32768
 ACTIVE: dict[str, Any] = {"pool": None}
 
 
+def _staging_tokens() -> int:
+    """Rows for one prefill batch: the larger of STAGING_TOKENS, the prefill-token cap and
+    the context length (chunked prefill is off, so a long prompt prefills whole)."""
+    from sglang.srt.runtime_context import get_server_args
+
+    args = get_server_args()
+    want = [STAGING_TOKENS, getattr(args, "max_prefill_tokens", 0) or 0,
+            getattr(args, "context_length", 0) or 0]
+    model_path = getattr(args, "model_path", None)
+    if model_path:
+        from pathlib import Path
+        import json
+
+        cfg_file = Path(model_path) / "config.json"
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text())
+            want.append(int((cfg.get("text_config") or cfg).get("max_position_embeddings") or 0))
+    return max(want) + 64
+
+
 class StagingRows:
     """Free mask over device rows ``[start, end)``, handed out one token row at a time."""
 
@@ -116,7 +136,7 @@ def pool_class(base: type) -> type:
             self.max_reqs = int(_state["max_running_requests"] or 64) + 1
             # Staging holds the prompts being prefilled (all their chunks) until their first
             # decode step: one full context plus a margin, in pages.
-            self.staging_rows = -(-min(size + p, STAGING_TOKENS) // p) * p
+            self.staging_rows = -(-min(size + p, _staging_tokens()) // p) * p
             self.budget_rows = self.max_reqs * cfg.budget
             self.device_rows = self.budget_rows + self.staging_rows
             super().__init__(size, *args, **kwargs)

@@ -143,8 +143,10 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
     args.attention_backend = "freekv"
     args.disable_overlap_schedule = True
     args.disable_cuda_graph = True
-    print("freekv: overlap scheduler and CUDA graphs are off with --kv-policy freekv "
-          "(recall and correction synchronise with the host)", file=sys.stderr, flush=True)
+    args.chunked_prefill_size = -1
+    print("freekv: overlap scheduler, CUDA graphs and chunked prefill are off with "
+          "--kv-policy freekv (recall and correction synchronise with the host; prompts are "
+          "committed to the host tier whole)", file=sys.stderr, flush=True)
     if getattr(args, "max_running_requests", None) is None:
         args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
     per_token = _bytes_per_token(getattr(args, "model_path", None), getattr(args, "dtype", "auto"))
@@ -160,8 +162,12 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
         source = f"{int(HOST_FRACTION * 100)}% of free RAM"
     tokens = max(config.budget, host_bytes // per_token)
     current = getattr(args, "max_total_tokens", None)
-    if current is None or current > tokens:
-        args.max_total_tokens = tokens
+    if current is None:
+        from sglang_freekv.platform import _max_total_tokens_default, cpu_platform_wanted
+
+        if cpu_platform_wanted():  # the CPU platform's pool cap applies to the host tier too
+            current = _max_total_tokens_default()
+    args.max_total_tokens = tokens if current is None else min(current, tokens)
     print(f"freekv: host tier {host_bytes / 2**30:.2f} GiB ({source}) holds "
           f"{host_bytes // per_token} tokens; max_total_tokens={args.max_total_tokens}",
           file=sys.stderr, flush=True)
