@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/bench_decode_cpu.json"))
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so every server started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.context, args.new_tokens, args.repeats = 3000, 24, 1
 
@@ -160,24 +163,30 @@ def main() -> None:
           f" tokens; {args.new_tokens} new tokens; dtype {args.dtype}; tp {args.tp}", flush=True)
 
     rows: dict[str, dict] = {}
+    errors: dict[str, str] = {}
     logs = Path(tempfile.mkdtemp(prefix="bench_decode_"))
     for key in SERVER_ORDER:
         names = [n for n in wanted if CONFIGS[n][0] == key]
         if not names:
             continue
         t0 = time.perf_counter()
-        with run_server(server_args(key, model, args.dtype, args.tp), logs,
-                        timeout_s=600) as server:
-            print(f"[{key}] server up in {time.perf_counter() - t0:.0f}s", flush=True)
-            generate(server.url, list(warm.input_ids), 8)  # warm-up
-            for name in names:
-                p = prompts[CONFIGS[name][1]]
-                res = measure(server.url, list(p.input_ids), args.new_tokens, args.repeats)
-                rows[name] = {"config": name, "server": key, "context": p.n_tokens,
-                              "args": server_args(key, "M", args.dtype, args.tp)[2:], **res}
-                r0 = res["runs"][0]
-                print(f"[{key}] {name}: {res['decode_tok_s']:.2f} decode tok/s "
-                      f"(ttft {r0['ttft_s']:.1f}s, e2e {r0['e2e_s']:.1f}s)", flush=True)
+        try:
+            with run_server(server_args(key, model, args.dtype, args.tp), logs,
+                            timeout_s=600) as server:
+                print(f"[{key}] server up in {time.perf_counter() - t0:.0f}s", flush=True)
+                generate(server.url, list(warm.input_ids), 8)  # warm-up
+                for name in names:
+                    p = prompts[CONFIGS[name][1]]
+                    res = measure(server.url, list(p.input_ids), args.new_tokens, args.repeats)
+                    rows[name] = {"config": name, "server": key, "context": p.n_tokens,
+                                  "args": server_args(key, "M", args.dtype, args.tp)[2:], **res}
+                    r0 = res["runs"][0]
+                    print(f"[{key}] {name}: {res['decode_tok_s']:.2f} decode tok/s "
+                          f"(ttft {r0['ttft_s']:.1f}s, e2e {r0['e2e_s']:.1f}s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a failed configuration is reported, not fatal
+            msg = str(exc)
+            print(f"[{key}] FAILED: {msg[-1500:]}", flush=True)
+            errors[key] = msg[-4000:]
 
     print()
     print(f"{'config':<15} {'context':>7} {'new':>4} {'ttft s':>8} {'decode s':>9} "
@@ -214,6 +223,7 @@ def main() -> None:
         "method": "decode tok/s = (completion_tokens - 1) / (e2e_latency - first_token_latency)",
         "rows": [rows[n] for n in wanted if n in rows],
         "checks": results,
+        "errors": errors,
     }
     out = Path(args.out)
     out_paths = [out]

@@ -32,14 +32,14 @@ _RESOLVE = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._reso
 
 _state: dict[str, Any] = {"max_running_requests": None}
 # Device rows for prompts being prefilled (kept until each request's first decode step).
-STAGING_TOKENS = 32768
+STAGING_TOKENS = 8192
 # The pool of this process (one model runner per scheduler process).
 ACTIVE: dict[str, Any] = {"pool": None}
 
 
 def _staging_tokens() -> int:
-    """Rows for one prefill batch: the larger of STAGING_TOKENS, the prefill-token cap and
-    the context length (chunked prefill is off, so a long prompt prefills whole)."""
+    """Rows for one prefill batch: the larger of STAGING_TOKENS, SGLang's prefill-token cap
+    and the context length (chunked prefill is off, so a long prompt prefills whole)."""
     from sglang.srt.runtime_context import get_server_args
 
     args = get_server_args()

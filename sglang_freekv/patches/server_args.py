@@ -39,6 +39,7 @@ _SCHED = "sglang.srt.managers.scheduler.Scheduler.__init__"
 
 POLICY_ATTR = "_freekv_policy"
 DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds `budget` device rows
+DEFAULT_MEM_FRACTION = 0.8  # --mem-fraction-static under FreeKV unless given
 HOST_FRACTION = 0.4  # share of free RAM the host tier takes when host_memory_gb is null
 CONFIG_ATTR = "_freekv_config"
 
@@ -144,6 +145,10 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
     args.disable_overlap_schedule = True
     args.disable_cuda_graph = True
     args.chunked_prefill_size = -1
+    if getattr(args, "mem_fraction_static", None) is None:
+        # SGLang's automatic fraction reserves activations for an unchunked prefill of the
+        # whole context and goes negative on small machines; FreeKV's pool is budget-sized.
+        args.mem_fraction_static = DEFAULT_MEM_FRACTION
     print("freekv: overlap scheduler, CUDA graphs and chunked prefill are off with "
           "--kv-policy freekv (recall and correction synchronise with the host; prompts are "
           "committed to the host tier whole)", file=sys.stderr, flush=True)
@@ -168,8 +173,9 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
         if cpu_platform_wanted():  # the CPU platform's pool cap applies to the host tier too
             current = _max_total_tokens_default()
     args.max_total_tokens = tokens if current is None else min(current, tokens)
-    print(f"freekv: host tier {host_bytes / 2**30:.2f} GiB ({source}) holds "
-          f"{host_bytes // per_token} tokens; max_total_tokens={args.max_total_tokens}",
+    used = args.max_total_tokens * per_token
+    print(f"freekv: host tier {used / 2**30:.2f} GiB for max_total_tokens="
+          f"{args.max_total_tokens} (limit {host_bytes / 2**30:.2f} GiB: {source})",
           file=sys.stderr, flush=True)
 
 

@@ -113,16 +113,16 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 
 
 def _equal_prompts(model: str) -> list[list[int]]:
+    """Token-id prompts of EQUAL_LENGTHS: a short story opening repeated for short ones, the
+    tail of a passkey haystack (ending with the question) for longer ones."""
+    story = load_tokenizer(model)("Once upon a time, in a small village,",
+                                  add_special_tokens=False).input_ids
     out = []
     for i, n in enumerate(EQUAL_LENGTHS):
-        p = filler_prompt(model, n + 200, seed=i) if n > 150 else None
-        if p is None:
-            ids = load_tokenizer(model)("Once upon a time, in a small village,",
-                                        add_special_tokens=False).input_ids
-            ids = (ids * (n // len(ids) + 1))[:n]
-        else:  # the last n tokens of a filler prompt (ends inside the chat template)
-            ids = list(p.input_ids[-n:])
-        out.append(ids)
+        if n <= 150:
+            out.append((story * (n // len(story) + 1))[:n])
+        else:
+            out.append(list(filler_prompt(model, n + 200, seed=i).input_ids[-n:]))
     return out
 
 
@@ -137,16 +137,23 @@ def passkey_prompts(servers: Servers) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dense(servers: Servers, passkey_prompts: dict) -> dict:
-    """Everything the dense (``--kv-policy default``) server answers, computed once."""
+def dense(request: pytest.FixtureRequest, servers: Servers, passkey_prompts: dict) -> dict:
+    """Everything the dense (``--kv-policy default``) server answers for the selected tests,
+    computed once on one server."""
+    selected = {item.name for item in request.session.items}
+    cases: list = []
+    if "test_b_passkey_budget_512" in selected:
+        cases += PASSKEY_CASES
+    if "test_c_passkey_budget_512_tp2" in selected:
+        cases += [c for c in PASSKEY_CASES_TP2 if c not in cases]
     server = servers.get("default")
     equal = [
         generate_ids(server, ids, EQUAL_NEW_TOKENS)["output_ids"]
         for ids in _equal_prompts(servers.model)
-    ]
+    ] if "test_a_budget_covers_context_matches_default" in selected else None
     answers = {
-        case: generate_ids(server, p.input_ids, PASSKEY_NEW_TOKENS)["text"]
-        for case, p in passkey_prompts.items()
+        case: generate_ids(server, passkey_prompts[case].input_ids, PASSKEY_NEW_TOKENS)["text"]
+        for case in cases
     }
     return {"equal": equal, "passkey": answers}
 
