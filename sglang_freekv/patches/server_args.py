@@ -11,6 +11,9 @@ Changes (all through SGLang's HookRegistry):
   and exits with status 2 (no traceback).
 - ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AFTER): records the policy on the
   scheduler and logs it once per rank.
+- ``sglang.srt.managers.utils.validate_input_length`` (AROUND): under FreeKV, a request whose
+  prompt + max_new_tokens exceeds the host tier is refused with a clear error instead of
+  waiting forever for memory that cannot free up.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 _ADD = "sglang.srt.server_args.ServerArgs.add_cli_args"
 _FROM = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _SCHED = "sglang.srt.managers.scheduler.Scheduler.__init__"
+_VALIDATE = "sglang.srt.managers.utils.validate_input_length"
 
 POLICY_ATTR = "_freekv_policy"
 DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds `budget` device rows
@@ -229,9 +233,28 @@ def scheduler_init(result: Any, self: Any, server_args: Any, *args: Any, **kwarg
     )
 
 
+def validate_input_length(orig: Any, req: Any, max_req_input_len: int,
+                          allow_auto_truncate: bool) -> str | None:
+    """Refuse a request that can never fit the host tier instead of leaving it queued."""
+    error = orig(req, max_req_input_len, allow_auto_truncate)
+    if error is not None or os.environ.get(ENV_POLICY) != "freekv":
+        return error
+    from sglang.srt.runtime_context import get_server_args
+
+    cap = getattr(get_server_args(), "max_total_tokens", None)
+    max_new = getattr(getattr(req, "sampling_params", None), "max_new_tokens", None)
+    need = len(req.origin_input_ids) + (max_new or 0)
+    if cap is not None and max_new is not None and need > cap:
+        return (f"Input length ({len(req.origin_input_ids)} tokens) plus max_new_tokens "
+                f"({max_new}) exceeds the FreeKV host tier ({cap} tokens); lower "
+                "max_new_tokens or raise host_memory_gb in --freekv-config.")
+    return None
+
+
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    HookRegistry.register(_VALIDATE, validate_input_length, HookType.AROUND)
     HookRegistry.register(_ADD, add_cli_args, HookType.AFTER)
     HookRegistry.register(_FROM, from_cli_args, HookType.AROUND)
     HookRegistry.register(_SCHED, scheduler_init, HookType.AFTER)
