@@ -63,6 +63,7 @@ def run_server(
         *args,
     ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("TRITON_INTERPRET", None)  # the tests' interpreter flag is not for servers
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
