@@ -80,13 +80,19 @@ def test_policy_rides_on_the_pickled_record_and_env() -> None:
     cfg = '{"budget": 1024, "sink": 64, "window": 128, "speculative": false}'
     out = subprocess.run(
         [sys.executable, "-c", PROBE, "--model-path", embedded_model_path(),
-         "--kv-policy", "freekv", "--freekv-config", cfg],
+         "--kv-policy", "freekv", "--freekv-config", cfg, "--disable-radix-cache"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     policy, rest = out.stdout.strip().splitlines()[-1].split(" ", 1)
     assert policy == "freekv"
     assert rest.count('"speculative": false') == 2 and rest.count('"budget": 1024') == 2
+
+
+def test_freekv_without_disable_radix_cache_is_refused() -> None:
+    out, _ = _launch("--model-path", embedded_model_path(), "--kv-policy", "freekv")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "needs --disable-radix-cache" in out.stderr
 
 
 def test_default_policy_leaves_record_untouched() -> None:

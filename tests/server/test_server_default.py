@@ -42,7 +42,7 @@ def test_tp2_freekv_policy_reaches_every_rank_and_answers(tmp_path: Path) -> Non
     expected = hf_greedy(model, PROMPTS[:2], NEW_TOKENS, dtype="float32")
     cfg = '{"budget": 1024, "sink": 64, "window": 256, "tau": 0.9}'
     args = ["--model-path", model, "--tp", "2", "--dtype", "float32",
-            "--kv-policy", "freekv", "--freekv-config", cfg]
+            "--kv-policy", "freekv", "--freekv-config", cfg, "--disable-radix-cache"]
     with run_server(args, tmp_path) as server:
         got = [_strip_eos(server.generate(p, NEW_TOKENS)["output_ids"]) for p in PROMPTS[:2]]
         log = server.log()
