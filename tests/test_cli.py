@@ -95,6 +95,15 @@ def test_freekv_without_disable_radix_cache_is_refused() -> None:
     assert "needs --disable-radix-cache" in out.stderr
 
 
+def test_host_tier_smaller_than_the_context_is_refused() -> None:
+    out, elapsed = _launch("--model-path", embedded_model_path(), "--kv-policy", "freekv",
+                           "--disable-radix-cache", "--freekv-config", '{"host_memory_gb": 0.01}')
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "host_memory_gb=0.01" in errors[0]
+    assert "fewer than the model context (8192)" in errors[0] and elapsed < 60
+
+
 def test_default_policy_leaves_record_untouched() -> None:
     out = subprocess.run(
         [sys.executable, "-c", PROBE, "--model-path", embedded_model_path()],

@@ -122,6 +122,20 @@ def _bytes_per_token(model_path: str | None, dtype: str) -> int | None:
     return 2 * int(layers) * int(heads) * int(head_dim) * elem
 
 
+def _context_length(args: argparse.Namespace) -> int | None:
+    """--context-length if given, else the model's max_position_embeddings (None if unknown)."""
+    given = getattr(args, "context_length", None)
+    if given:
+        return int(given)
+    model_path = getattr(args, "model_path", None)
+    cfg_file = Path(model_path) / "config.json" if model_path else None
+    if cfg_file is None or not cfg_file.is_file():
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    value = (cfg.get("text_config") or cfg).get("max_position_embeddings")
+    return int(value) if value else None
+
+
 def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
     """Launcher-side settings the FreeKV serving path needs (one line each, no surprises)."""
     if not getattr(args, "disable_radix_cache", False):
@@ -170,6 +184,15 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
         host_bytes = int(psutil.virtual_memory().available * HOST_FRACTION)
         source = f"{int(HOST_FRACTION * 100)}% of free RAM"
     tokens = max(config.budget, host_bytes // per_token)
+    context = _context_length(args)
+    if context and host_bytes // per_token < context:
+        # A lone request could then need more than the whole host tier and would queue forever.
+        need_gb = context * per_token / 2**30
+        raise FreeKVConfigError(
+            f"freekv-config: host_memory_gb={json.dumps(config.host_memory_gb)}: the host tier "
+            f"({host_bytes / 2**30:.3f} GiB, {source}) holds {host_bytes // per_token} tokens, "
+            f"fewer than the model context ({context}); give at least {need_gb:.3f} GiB"
+        )
     current = getattr(args, "max_total_tokens", None)
     if current is None:
         from sglang_freekv.platform import _max_total_tokens_default, cpu_platform_wanted

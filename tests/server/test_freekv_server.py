@@ -317,9 +317,10 @@ def test_c_passkey_budget_512_tp2(servers: Servers, passkey_prompts: dict, dense
 # ---------------------------------------------------------------- TP1, host tier 0.01 GiB
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue #4 stays open): with a host tier "
-                   "smaller than prompt + max_new_tokens allows, a 200 + 400-token request is "
-                   "neither scheduled nor refused and times out")
+@pytest.mark.xfail(strict=True, reason="issue #4 stays open: a host tier smaller than the "
+                   "model context is now refused at launch (tests/test_cli.py), so this server "
+                   "cannot start; per-request refusal of prompt + max_new_tokens beyond the tier "
+                   "is not built (such a request used to queue forever)")
 def test_e_prompt_beyond_host_tier_is_refused(servers: Servers) -> None:
     """0.01 GiB of host tier holds a few hundred tokens of SmolLM2's KV: the server caps its total
     tokens to the host tier (at least one budget), so a 2K-token prompt is refused with a clear
