@@ -187,7 +187,6 @@ def pool_class(base: type) -> type:
 
         def _create_buffers_normal(self) -> None:
             rows_full = self.size + self.page_size
-            shape = lambda rows, d: (rows, self.head_num, d)  # noqa: E731
             self.k_buffer, self.v_buffer = [], []
             for i in range(self.layer_num):
                 rows = rows_full if i in self.dense_local else self.device_rows
@@ -196,7 +195,6 @@ def pool_class(base: type) -> type:
                 assert self.v_head_dim == self.head_dim
                 self.k_buffer.append(buf[0])
                 self.v_buffer.append(buf[1])
-            del shape
 
         def _build_kv_buffer_descs(self) -> tuple:  # type: ignore[override]
             return ()  # PD transfer of a FreeKV pool is not supported
