@@ -89,6 +89,7 @@ class FreeKVCache:
                                    head_dim, dtype, pin_memory)
         self.recall = FreeKVRecallEngine(self.host, k_buffers, v_buffers, device=self.device,
                                          group_blocks=recall_group_blocks)
+        self.score_scale = config.score_scale_for(head_dim)  # page-softmax temperature
         dev, h, k = self.device, num_kv_heads, config.top_k
         self.t = CacheTables.create(self.g, max_reqs, max_pages_per_req, dev)
         # fmt: off
@@ -251,7 +252,8 @@ class FreeKVCache:
         if n_flag == 0:
             return
         sel, scores = select_batch(q, self.digests[layer], plan.page_table, plan.cand_start,
-                                   plan.cand_end, plan.sparse, h, self.cfg.top_k)
+                                   plan.cand_end, plan.sparse, h, self.cfg.top_k,
+                                   self.score_scale)
         step.sel, step.scores = sel, scores
         end = apply_selection(self, layer, plan.req_rows, plan.slot_loc, plan.page_table, sel,
                               scores, buf, mode="sync", before_scatter=None)
@@ -323,7 +325,8 @@ class FreeKVCache:
                 if s is None:
                     qj = q_src[q_rows]  # [bj, Hq, D]
                     s, sc = select_batch(qj, self.digests[layer], page_table, cand_start,
-                                         cand_end, None, self.num_kv_heads, self.cfg.top_k)
+                                         cand_end, None, self.num_kv_heads, self.cfg.top_k,
+                                         self.score_scale)
                 if mask is None:
                     mask = ~flags_src[jr] if flags_src is not None else torch.ones(
                         s.shape[:2], dtype=torch.bool, device=s.device)

@@ -51,6 +51,9 @@ class FreeKVConfig:
     window: int = 512  # most recent tokens always resident, counting the current partial page
     tau: float | None = 0.8  # correction when group-mean cos(q_t, q_{t-1}) < tau; None = off
     speculative: bool = True  # False = select with q_t and recall before attention (baseline)
+    # Temperature of the per-head page softmax: scores are multiplied by it before the softmax.
+    # None = the attention scale 1/sqrt(head_dim); 1.0 = the public reference's raw avgSM.
+    score_scale: float | None = None
     dense_layers: tuple[int, ...] = field(default=(0,))  # layers that keep full attention
     host_memory_gb: float | None = None  # host tier size; None = derived from free RAM
 
@@ -79,6 +82,12 @@ class FreeKVConfig:
                 _fail("tau", self.tau, "must be in [-1, 1] or null")
         if not isinstance(self.speculative, bool):
             _fail("speculative", self.speculative, "must be true or false")
+        if self.score_scale is not None:
+            value = self.score_scale
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                _fail("score_scale", value, "must be a positive number or null")
+            if not 0 < float(value) < float("inf"):
+                _fail("score_scale", value, "must be a finite number > 0")
         if not isinstance(self.dense_layers, tuple):
             _fail("dense_layers", self.dense_layers, "must be a list of layer ids")
         for layer_id in self.dense_layers:
@@ -110,6 +119,10 @@ class FreeKVConfig:
     def top_k(self) -> int:
         """Retrieved pages per (request, KV head): (budget - sink - window) / page_size."""
         return self.budget_pages - self.sink_pages - self.window_pages
+
+    def score_scale_for(self, head_dim: int) -> float:
+        """The page-softmax temperature for ``head_dim`` (``score_scale`` or 1/sqrt(D))."""
+        return float(self.score_scale) if self.score_scale is not None else head_dim**-0.5
 
     @property
     def correction(self) -> bool:

@@ -190,15 +190,17 @@ class ReferenceDecoder:
         g = self.cache.g
         n_pages = -(-seq_len // g.page_size)
         cand = torch.arange(g.sink_pages, max(g.sink_pages, n_pages - g.window_pages))
-        return brute_force_topk(q, self.page_keys(layer, row, cand), cand, g.top_k)
+        return brute_force_topk(q, self.page_keys(layer, row, cand), cand, g.top_k,
+                                self.cache.score_scale)
 
 
 def brute_force_topk(
-    q: torch.Tensor, keys: torch.Tensor, pages: torch.Tensor, top_k: int
+    q: torch.Tensor, keys: torch.Tensor, pages: torch.Tensor, top_k: int, scale: float = 1.0
 ) -> list[set[int]]:
     """Quest bound + fp32 softmax over pages per q head + group mean + top-k, per KV head.
 
-    ``q [Hq, D]``, ``keys [c, P, H, D]`` of candidate ``pages [c]``; returns H sets.
+    ``q [Hq, D]``, ``keys [c, P, H, D]`` of candidate ``pages [c]``, ``scale`` the softmax
+    temperature; returns H sets.
     """
     hq, d = q.shape
     c, _, h, _ = keys.shape
@@ -207,7 +209,7 @@ def brute_force_topk(
     qf = q.float().view(h, hq // h, d)  # [H, G, D]
     s = torch.maximum(qf[:, :, None, :] * mn.permute(1, 0, 2)[:, None],
                       qf[:, :, None, :] * mx.permute(1, 0, 2)[:, None]).sum(-1)  # [H, G, c]
-    score = torch.softmax(s, dim=-1).mean(1)  # [H, c]
+    score = torch.softmax(s * scale, dim=-1).mean(1)  # [H, c]
     kk = min(top_k, c)
     idx = torch.topk(score, kk, dim=-1).indices  # [H, kk]
     return [set(pages[idx[i]].tolist()) for i in range(h)]

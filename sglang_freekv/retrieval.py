@@ -24,6 +24,7 @@ def select_batch(
     active: torch.Tensor | None,
     num_kv_heads: int,
     top_k: int,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k pages per (request, KV head) for a ragged batch.
 
@@ -34,6 +35,7 @@ def select_batch(
     page_table : ``[bs, max_pages]`` int32, host page id of each logical page (-1 none).
     cand_start, cand_end : ``[bs]`` int32, candidate pages ``[start, end)``.
     active : ``[bs]`` bool or None; inactive rows get an empty range (all -1 output).
+    scale : softmax temperature of the page scores (``FreeKVConfig.score_scale_for``).
 
     Returns ``(page_indices [bs, H, k] int32 (-1 pad), page_scores [bs, H, k] fp32)``.
     """
@@ -42,7 +44,7 @@ def select_batch(
     if active is not None:
         cand_end = torch.where(active, cand_end, cand_start)  # [bs] int32
     return select_pages(
-        q, digests, page_table, cand_start, cand_end, num_kv_heads, top_k
+        q, digests, page_table, cand_start, cand_end, num_kv_heads, top_k, scale=scale
     )
 
 

@@ -15,6 +15,7 @@ VALID = [
     {"tau": None},
     {"tau": -1}, {"tau": 1.0}, {"tau": 0.9},
     {"speculative": False},
+    {"score_scale": None}, {"score_scale": 1}, {"score_scale": 0.125},
     {"dense_layers": []}, {"dense_layers": [0, 5]},
     {"host_memory_gb": 2}, {"host_memory_gb": 0.5},
     {"sink": 0},
@@ -38,6 +39,9 @@ INVALID = [
     ('{"tau": 1.5}', "tau", "in [-1, 1]"),
     ('{"tau": -2}', "tau", "in [-1, 1]"),
     ('{"tau": "high"}', "tau", "number"),
+    ('{"score_scale": 0}', "score_scale", "> 0"),
+    ('{"score_scale": -0.5}', "score_scale", "> 0"),
+    ('{"score_scale": "auto"}', "score_scale", "positive number"),
     ('{"speculative": "yes"}', "speculative", "true or false"),
     ('{"speculative": 1}', "speculative", "true or false"),
     ('{"dense_layers": 0}', "dense_layers", "list"),
@@ -62,6 +66,7 @@ def test_defaults_are_the_paper_defaults() -> None:
     cfg = FreeKVConfig.from_json(None)
     assert (cfg.page_size, cfg.budget, cfg.sink, cfg.window) == (32, 2048, 512, 512)
     assert cfg.tau == 0.8 and cfg.speculative and cfg.dense_layers == (0,)
+    assert cfg.score_scale is None and cfg.score_scale_for(64) == 0.125
     assert cfg.host_memory_gb is None and cfg.top_k == 32
 
 

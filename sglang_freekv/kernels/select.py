@@ -5,7 +5,12 @@ freekv-method.md §1.3 (``avgSM`` in fp32, the policy the accuracy numbers used)
 with host page ``p = page_table[b, j]``::
 
     s[b, h, j]     = sum_i max(q[b, h, i] * min[p, g, i], q[b, h, i] * max[p, g, i])
-    score[b, g, j] = mean_{h in group g} softmax_{j in candidates}(s[b, h, :])[j]
+    score[b, g, j] = mean_{h in group g} softmax_{j in candidates}(scale * s[b, h, :])[j]
+
+``scale`` is the softmax temperature (``FreeKVConfig.score_scale``; the serving path passes
+the attention scale 1/sqrt(D) by default, the public reference uses 1.0). Without it the
+softmax is sqrt(D) times sharper than attention, the group mean is dominated by one query
+head, and the embedded model loses passkeys that exact attention finds.
 
 Candidates are ``cand_start[b] <= j < cand_end[b]`` with ``page_table[b, j] >= 0``; every
 other position scores ``-inf``.
@@ -53,6 +58,7 @@ def _raw_score_kernel(
     stride_pb,
     max_pages,
     head_dim,
+    scale,
     GROUP_SIZE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -77,7 +83,7 @@ def _raw_score_kernel(
         h = g * GROUP_SIZE + r
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=mask_d,
                     other=0.0).to(tl.float32)  # [BLOCK_D]
-        s = tl.sum(tl.maximum(q[None, :] * kmin, q[None, :] * kmax), axis=1)  # [BLOCK_P]
+        s = tl.sum(tl.maximum(q[None, :] * kmin, q[None, :] * kmax), axis=1) * scale
         raw = raw_ptr + (b.to(tl.int64) * num_qo_heads + h) * max_pages + offs_j
         tl.store(raw, s, mask=cand)
 
@@ -160,6 +166,11 @@ def _check_args(
                       cand_end=cand_end)
 
 
+def _check_scale(scale: float) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 1e30:
+        raise ValueError(f"Invalid value of scale: {scale!r} (must be a finite number > 0)")
+
+
 def score_pages(
     q: torch.Tensor,
     digests: torch.Tensor,
@@ -168,6 +179,7 @@ def score_pages(
     cand_end: torch.Tensor,
     num_kv_heads: int,
     impl: str | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """Group-consistent page scores (fp32) for every logical page of every request.
 
@@ -189,6 +201,8 @@ def score_pages(
         ``H``; ``num_qo_heads`` must be a multiple (``group_size = num_qo_heads // H``).
     impl : str, optional
         ``"triton"`` | ``"ref"``; default by device (see ``_common.resolve_impl``).
+    scale : float
+        softmax temperature (> 0) applied to the raw bounds (see the module docstring).
 
     Returns
     -------
@@ -202,8 +216,10 @@ def score_pages(
     No host sync on the Triton path; graph-capturable on CUDA.
     """
     _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+    _check_scale(scale)
     if resolve_impl(impl, q) == "ref":
-        return ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+        return ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads,
+                               scale)
     bs, num_qo_heads, head_dim = q.shape
     max_pages = page_table.shape[1]
     group_size = num_qo_heads // num_kv_heads
@@ -221,7 +237,7 @@ def score_pages(
         q.stride(0), q.stride(1),
         digests.stride(0), digests.stride(1), digests.stride(2),
         page_table.stride(0),
-        max_pages, head_dim,
+        max_pages, head_dim, float(scale),
         GROUP_SIZE=group_size, BLOCK_P=block_p, BLOCK_D=block_d,
     )  # fmt: skip
     block_g = next_power_of_2(group_size)
@@ -256,10 +272,11 @@ def select_pages(
     num_kv_heads: int,
     top_k: int,
     impl: str | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``top_k`` logical pages per (request, KV head) by :func:`score_pages`.
 
-    Arguments as in :func:`score_pages`, plus ``top_k`` (int >= 1).
+    Arguments as in :func:`score_pages` (``scale`` included), plus ``top_k`` (int >= 1).
 
     Returns
     -------
@@ -275,7 +292,8 @@ def select_pages(
     No host sync on the Triton path (``torch.topk`` stays on the device).
     """
     check_positive_int("top_k", top_k)
-    scores = score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, impl=impl)
+    scores = score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, impl=impl,
+                         scale=scale)
     return _top_k(scores, top_k)
 
 
@@ -286,9 +304,11 @@ def ref_score_pages(
     cand_start: torch.Tensor,
     cand_end: torch.Tensor,
     num_kv_heads: int,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`score_pages` (loops over requests; syncs on CUDA)."""
     _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+    _check_scale(scale)
     bs, num_qo_heads, head_dim = q.shape
     max_pages = page_table.shape[1]
     group_size = num_qo_heads // num_kv_heads
@@ -306,7 +326,7 @@ def ref_score_pages(
         kmax = dg[:, :, 1].transpose(0, 1)[:, None]  # [H, 1, n_c, head_dim]
         qb = q[b].float().reshape(num_kv_heads, group_size, 1, head_dim)  # [H, G, 1, head_dim]
         s = torch.maximum(qb * kmin, qb * kmax).sum(-1)  # [H, G, n_c] Quest upper bound
-        probs = torch.softmax(s, dim=-1)  # [H, G, n_c] per query head, over candidates
+        probs = torch.softmax(s * scale, dim=-1)  # [H, G, n_c] per query head, over candidates
         out[b, :, pages] = probs.mean(dim=1)  # [H, n_c] group mean
     return out
 
@@ -319,8 +339,9 @@ def ref_select_pages(
     cand_end: torch.Tensor,
     num_kv_heads: int,
     top_k: int,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of :func:`select_pages`."""
     check_positive_int("top_k", top_k)
-    scores = ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+    scores = ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, scale)
     return _top_k(scores, top_k)

@@ -47,7 +47,7 @@ def _make_batch(
 
 def _spec_scores(q: torch.Tensor, digests: torch.Tensor, page_table: torch.Tensor,
                  cand_start: torch.Tensor, cand_end: torch.Tensor,
-                 num_kv_heads: int) -> torch.Tensor:
+                 num_kv_heads: int, scale: float = 1.0) -> torch.Tensor:
     """The formula of the module docstring, one (request, query head) at a time."""
     bs, num_qo_heads, _ = q.shape
     group_size = num_qo_heads // num_kv_heads
@@ -66,7 +66,7 @@ def _spec_scores(q: torch.Tensor, digests: torch.Tensor, page_table: torch.Tenso
                     for dmin, dmax in (digests[int(page_table[b, j]), g].float().cpu()
                                        for j in cand)
                 ])
-                probs += torch.softmax(s, dim=0) / group_size
+                probs += torch.softmax(s * scale, dim=0) / group_size
             out[b, g, cand] = probs
     return out
 
@@ -99,13 +99,15 @@ def _assert_same_selection(idx: torch.Tensor, vals: torch.Tensor, ref_scores: to
 @pytest.mark.parametrize("head_dim", [24, 64], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("page_size", [16, 32], ids=lambda p: f"P{p}")
 @pytest.mark.parametrize("group_size", [1, 3, 4, 8], ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("scale", [1.0, 0.125], ids=lambda s: f"s{s}")
 def test_score_and_select_match_ref(
-    group_size: int, page_size: int, head_dim: int, dtype: str, device: torch.device,
+    scale: float, group_size: int, page_size: int, head_dim: int, dtype: str,
+    device: torch.device,
 ) -> None:
     num_kv_heads = 2
     args = _make_batch(num_kv_heads, group_size, page_size, head_dim, DTYPES[dtype], device)
-    out = score_pages(*args, num_kv_heads, impl="triton")
-    ref = ref_score_pages(*args, num_kv_heads)
+    out = score_pages(*args, num_kv_heads, impl="triton", scale=scale)
+    ref = ref_score_pages(*args, num_kv_heads, scale)
     assert out.shape == (4, num_kv_heads, MAX_PAGES) and out.dtype == torch.float32
     assert torch.equal(torch.isinf(out), torch.isinf(ref))  # exact candidate masks
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
@@ -113,17 +115,36 @@ def test_score_and_select_match_ref(
     torch.testing.assert_close(sums[[0, 2, 3]], torch.ones_like(sums[[0, 2, 3]]))
     assert bool((sums[1] == 0).all())
     for top_k in (1, 9):
-        idx, vals = select_pages(*args, num_kv_heads, top_k, impl="triton")
+        idx, vals = select_pages(*args, num_kv_heads, top_k, impl="triton", scale=scale)
         assert idx.shape == vals.shape == (4, num_kv_heads, top_k)
         assert idx.dtype == torch.int32 and vals.dtype == torch.float32
         _assert_same_selection(idx, vals, ref, top_k)
 
 
 @pytest.mark.parametrize("group_size", [1, 3], ids=lambda g: f"G{g}")
-def test_ref_matches_scalar_spec(group_size: int) -> None:
+@pytest.mark.parametrize("scale", [1.0, 0.3], ids=lambda s: f"s{s}")
+def test_ref_matches_scalar_spec(group_size: int, scale: float) -> None:
     args = _make_batch(2, group_size, 16, 8, torch.float32, torch.device("cpu"))
-    ref = ref_score_pages(*args, 2)
-    torch.testing.assert_close(ref, _spec_scores(*args, 2), atol=1e-5, rtol=1e-4)
+    ref = ref_score_pages(*args, 2, scale)
+    torch.testing.assert_close(ref, _spec_scores(*args, 2, scale), atol=1e-5, rtol=1e-4)
+
+
+def test_scale_sharpens_scores() -> None:
+    """A smaller temperature flattens the per-head softmax (scale -> 0: uniform)."""
+    args = _make_batch(2, 3, 16, 8, torch.float32, torch.device("cpu"))
+    sharp, flat = ref_score_pages(*args, 2, 1.0), ref_score_pages(*args, 2, 1e-6)
+    ok = ~torch.isinf(sharp)
+    assert torch.equal(ok, ~torch.isinf(flat))
+    n = ok.sum(-1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(torch.where(ok, flat, 0.0), torch.where(ok, 1.0 / n, 0.0))
+    assert float(sharp[ok].std()) > float(flat[ok].std())
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), True])
+def test_bad_scale_is_refused(scale: float) -> None:
+    args = _make_batch(2, 3, 16, 8, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="scale"):
+        ref_score_pages(*args, 2, scale)
 
 
 def test_select_padding_and_order(device: torch.device) -> None:

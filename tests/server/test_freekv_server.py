@@ -188,7 +188,6 @@ def test_a_budget_covers_context_matches_default(servers: Servers, dense: dict) 
     assert got == dense["equal"]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue #4 stays open): with budget 512 (sink 64, window 128, 10 retrieved pages) FreeKV misses keys dense attention finds (3K@0.5 answers 42190 for 48190; 5K@0.15). strict: the marker must go once retrieval matches dense")
 def test_b_passkey_budget_512(servers: Servers, passkey_prompts: dict, dense: dict) -> None:
     server = servers.get("freekv")
     _passkey_check(server, PASSKEY_CASES, passkey_prompts, dense)
@@ -308,7 +307,6 @@ def test_e_prompt_beyond_model_context_is_refused(servers: Servers) -> None:
 # ---------------------------------------------------------------- TP2, budget 512
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue #4 stays open): with budget 512 (sink 64, window 128, 10 retrieved pages) FreeKV misses keys dense attention finds (3K@0.5 answers 42190 for 48190; 5K@0.15). strict: the marker must go once retrieval matches dense")
 def test_c_passkey_budget_512_tp2(servers: Servers, passkey_prompts: dict, dense: dict) -> None:
     server = servers.get("freekv_tp2")
     _passkey_check(server, PASSKEY_CASES_TP2, passkey_prompts, dense)
