@@ -95,13 +95,31 @@ def test_freekv_without_disable_radix_cache_is_refused() -> None:
     assert "needs --disable-radix-cache" in out.stderr
 
 
-def test_host_tier_smaller_than_the_context_is_refused() -> None:
+def test_host_tier_smaller_than_one_budget_is_refused() -> None:
     out, elapsed = _launch("--model-path", embedded_model_path(), "--kv-policy", "freekv",
                            "--disable-radix-cache", "--freekv-config", '{"host_memory_gb": 0.01}')
     assert out.returncode == 2 and "Traceback" not in out.stderr
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "host_memory_gb=0.01" in errors[0]
-    assert "fewer than the model context (8192)" in errors[0] and elapsed < 60
+    assert "fewer than one budget (2048)" in errors[0] and elapsed < 60
+
+
+def test_host_tier_smaller_than_the_context_caps_the_context() -> None:
+    """0.1 GiB holds 2330 float32 tokens of SmolLM2's KV (46080 B each) < its 8192 context:
+    the launcher serves a 2330-token context, so SGLang refuses longer requests itself."""
+    probe = PROBE.replace("print(clone._freekv_policy, clone._freekv_config, "
+                          'os.environ.get("SGLANG_FREEKV_CONFIG"))',
+                          "print(clone.context_length, clone.max_total_tokens)")
+    cfg = '{"budget": 512, "sink": 64, "window": 128, "host_memory_gb": 0.1}'
+    out = subprocess.run(
+        [sys.executable, "-c", probe, "--model-path", embedded_model_path(), "--dtype",
+         "float32", "--kv-policy", "freekv", "--freekv-config", cfg, "--disable-radix-cache"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    tier = int(0.1 * 2**30) // (2 * 30 * 3 * 64 * 4)
+    assert out.stdout.strip().splitlines()[-1] == f"{tier} {tier}"
+    assert f"serving with --context-length {tier}" in out.stderr
 
 
 def test_default_policy_leaves_record_untouched() -> None:

@@ -11,9 +11,10 @@ Changes (all through SGLang's HookRegistry):
   and exits with status 2 (no traceback).
 - ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AFTER): records the policy on the
   scheduler and logs it once per rank.
-- ``sglang.srt.managers.utils.validate_input_length`` (AROUND): under FreeKV, a request whose
-  prompt + max_new_tokens exceeds the host tier is refused with a clear error instead of
-  waiting forever for memory that cannot free up.
+
+Under FreeKV the launcher also caps ``max_total_tokens`` to the host tier and, when the tier
+holds fewer tokens than the model context, ``context_length`` to the tier: SGLang's tokenizer
+manager then refuses a prompt, or a prompt + ``max_new_tokens``, beyond it with HTTP 400.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 _ADD = "sglang.srt.server_args.ServerArgs.add_cli_args"
 _FROM = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _SCHED = "sglang.srt.managers.scheduler.Scheduler.__init__"
-_VALIDATE = "sglang.srt.managers.utils.validate_input_length"
 
 POLICY_ATTR = "_freekv_policy"
 DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds `budget` device rows
@@ -183,16 +183,23 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
 
         host_bytes = int(psutil.virtual_memory().available * HOST_FRACTION)
         source = f"{int(HOST_FRACTION * 100)}% of free RAM"
-    tokens = max(config.budget, host_bytes // per_token)
-    context = _context_length(args)
-    if context and host_bytes // per_token < context:
-        # A lone request could then need more than the whole host tier and would queue forever.
-        need_gb = context * per_token / 2**30
+    tokens = host_bytes // per_token
+    if tokens < config.budget:
         raise FreeKVConfigError(
             f"freekv-config: host_memory_gb={json.dumps(config.host_memory_gb)}: the host tier "
-            f"({host_bytes / 2**30:.3f} GiB, {source}) holds {host_bytes // per_token} tokens, "
-            f"fewer than the model context ({context}); give at least {need_gb:.3f} GiB"
+            f"({host_bytes / 2**30:.3f} GiB, {source}) holds {tokens} tokens, fewer than one "
+            f"budget ({config.budget}); give at least {config.budget * per_token / 2**30:.4f} GiB"
         )
+    context = _context_length(args)
+    if context and tokens < context:
+        # Every request must fit the host tier alone, else it would queue forever: serve a
+        # shorter context, so SGLang's own request checks refuse prompt (+ max_new_tokens)
+        # beyond the tier with HTTP 400 before anything is scheduled.
+        args.context_length = tokens
+        print(f"freekv: the host tier ({host_bytes / 2**30:.3f} GiB, {source}) holds {tokens} "
+              f"tokens, fewer than the model context ({context}): serving with "
+              f"--context-length {tokens}; longer requests get HTTP 400", file=sys.stderr,
+              flush=True)
     current = getattr(args, "max_total_tokens", None)
     if current is None:
         from sglang_freekv.platform import _max_total_tokens_default, cpu_platform_wanted
@@ -256,28 +263,9 @@ def scheduler_init(result: Any, self: Any, server_args: Any, *args: Any, **kwarg
     )
 
 
-def validate_input_length(orig: Any, req: Any, max_req_input_len: int,
-                          allow_auto_truncate: bool) -> str | None:
-    """Refuse a request that can never fit the host tier instead of leaving it queued."""
-    error = orig(req, max_req_input_len, allow_auto_truncate)
-    if error is not None or os.environ.get(ENV_POLICY) != "freekv":
-        return error
-    from sglang.srt.runtime_context import get_server_args
-
-    cap = getattr(get_server_args(), "max_total_tokens", None)
-    max_new = getattr(getattr(req, "sampling_params", None), "max_new_tokens", None)
-    need = len(req.origin_input_ids) + (max_new or 0)
-    if cap is not None and max_new is not None and need > cap:
-        return (f"Input length ({len(req.origin_input_ids)} tokens) plus max_new_tokens "
-                f"({max_new}) exceeds the FreeKV host tier ({cap} tokens); lower "
-                "max_new_tokens or raise host_memory_gb in --freekv-config.")
-    return None
-
-
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register(_VALIDATE, validate_input_length, HookType.AROUND)
     HookRegistry.register(_ADD, add_cli_args, HookType.AFTER)
     HookRegistry.register(_FROM, from_cli_args, HookType.AROUND)
     HookRegistry.register(_SCHED, scheduler_init, HookType.AFTER)
