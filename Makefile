@@ -31,7 +31,7 @@ serve: install
 	@MODEL=$$($(PY) -m sglang_freekv.models smollm2) || exit 1; \
 	echo "make serve: $$MODEL on http://$(HOST):$(PORT)"; \
 	exec $(PY) -m sglang.launch_server --model-path "$$MODEL" --host $(HOST) --port $(PORT) \
-	  --kv-policy $(KV_POLICY) $(if $(filter freekv,$(KV_POLICY)),--disable-radix-cache) \
+	  --kv-policy $(KV_POLICY) \
 	  $(if $(FREEKV_CONFIG),--freekv-config '$(FREEKV_CONFIG)') --enable-metrics $(SERVE_ARGS)
 
 test: install

@@ -134,13 +134,18 @@ class FreeKVCache:
         self.residency[:, req_row] = -1
         self.spec_valid_for[:, req_row] = -1
 
-    def commit_prefill(self, req_row: int, prompt_len: int, prompt_loc: torch.Tensor) -> None:
+    def commit_prefill(self, req_row: int, prompt_len: int, prompt_loc: torch.Tensor,
+                       shared_pages: torch.Tensor | None = None) -> None:
         """Write the prompt through to the host tier and fill the budget slots.
 
         ``prompt_loc``: ``[prompt_len]`` int64, device rows of the prompt tokens in every
-        layer's ``k_buffer``/``v_buffer``. Allocates ``ceil(prompt_len / P)`` host pages
-        (raises FreeKVHostPoolFull), writes full pages (HND) and their digests, copies sink,
-        first ``min(M, k)`` middle and window pages into the slots (D2D, non-dense layers).
+        layer's ``k_buffer``/``v_buffer``. ``shared_pages``: ``[f]`` int64 (cpu) host pages
+        that already hold logical pages ``[0, f)`` of this prompt, full and with digests
+        (a matched prefix); they get one more reference instead of a copy.
+        Allocates the other ``ceil(prompt_len / P) - f`` host pages (raises
+        FreeKVHostPoolFull), writes them (HND; the last one even if partial, so a prefix
+        match can read it) and the digests of the full ones, and copies sink, first
+        ``min(M, k)`` middle and window pages into the slots (D2D, non-dense layers).
         The engine may free ``prompt_loc`` once this returns (copies are stream ordered).
         """
         g = self.g
@@ -148,21 +153,69 @@ class FreeKVCache:
         if n_pages > self.max_pages:
             raise ValueError(f"prompt of {prompt_len} tokens needs {n_pages} pages > "
                              f"max_pages_per_req ({self.max_pages})")
-        ids = self.host.alloc(req_row, n_pages)  # [n_pages] int64 cpu
+        shared = (torch.empty(0, dtype=torch.int64) if shared_pages is None
+                  else shared_pages.to("cpu", torch.int64))
+        f = int(shared.numel())
+        if f * g.page_size > prompt_len:
+            raise ValueError(f"{f} shared pages exceed the prompt ({prompt_len} tokens)")
+        own = self.host.alloc(req_row, n_pages - f)  # [n_pages - f] int64 cpu
+        self.host.incref(shared)
+        ids = torch.cat([shared, own])
         self.t.set_host_pages(req_row, ids)
-        n_res = write_prompt(self, req_row, prompt_len, prompt_loc, ids)
+        n_res = write_prompt(self, req_row, prompt_len, prompt_loc, ids, first_page=f)
         self.residency[:, req_row] = -1
         if n_res:
             self.residency[:, req_row, :, :n_res] = torch.arange(
                 g.sink_pages, g.sink_pages + n_res, dtype=torch.int32, device=self.device)
         self.spec_valid_for[:, req_row] = -1
 
-    def release(self, req_row: int) -> None:
-        """Wait in-flight jobs, free the row's host pages and clear its tables."""
+    def replace_pages(self, req_row: int, pages: torch.Tensor, host_ids: torch.Tensor) -> None:
+        """Point logical ``pages`` (``[m]`` int64, cpu) of a request at other host pages
+        ``host_ids`` (``[m]`` int64, cpu) holding the same tokens (a deduplicated prefix):
+        one reference moves from each old page to its new one."""
+        if pages.numel() == 0:
+            return
+        for layer in list(self._jobs):
+            self._wait_job(layer)  # SYNC: a job may be reading the old pages' host blocks
+        self.recall.wait_all()
+        old = self.t.host_pages_cpu[req_row, pages].to(torch.int64)
+        self.host.incref(host_ids)
+        self.t.host_pages_cpu[req_row, pages] = host_ids.to(torch.int32)
+        dev = self.t.host_pages.device
+        self.t.host_pages[req_row] = self.t.host_pages_cpu[req_row].to(dev)
+        self.host.decref(old[old >= 0])
+
+    def token_host_slots(self, req_row: int, start: int, end: int) -> torch.Tensor:
+        """Host token slots ``page * P + offset`` of positions ``[start, end)`` of a committed
+        request: ``[end - start]`` int64, cpu (-1 where the page has no host page yet)."""
+        p = self.g.page_size
+        pos = torch.arange(start, end, dtype=torch.int64)
+        page = self.t.host_pages_cpu[req_row, pos // p].to(torch.int64)
+        return torch.where(page >= 0, page * p + pos % p, -1)
+
+    def load_tokens(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of host token ``slots`` (``[n]`` int64, cpu) of ``layer``: two ``[n, H, D]``
+        tensors on the KV device (blocking copy; used to stage a matched prefix)."""
+        self.host.wait_writes()  # SYNC: a pending D2H write-through may target these pages
+        p = self.g.page_size
+        kv = self.host.kv[layer][slots // p, :, :, slots % p]  # [n, H, 2, D]
+        kv = kv.to(self.device)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def release(self, req_row: int, kv_len: int | None = None) -> None:
+        """Wait in-flight jobs, drop the row's host page references and clear its tables.
+
+        ``kv_len``: tokens with KV of the request; when given and the last page is partial,
+        that page is first written to the host tier, so token ids the engine keeps cached
+        (prefix sharing) can still be read from it.
+        """
         for layer in list(self._jobs):
             self._wait_job(layer)  # SYNC: a job may still scatter into this row's slots
         self.recall.wait_all()
-        self.host.free_owner(req_row)
+        if kv_len is not None and kv_len % self.g.page_size:
+            self._flush_partial(req_row, kv_len)
+        pages = self.t.host_pages_cpu[req_row]
+        self.host.decref(pages[pages >= 0])
         self.t.clear(req_row)
         self.residency[:, req_row] = -1
         self.spec_valid_for[:, req_row] = -1
@@ -368,6 +421,21 @@ class FreeKVCache:
         self.host.write_blocks(layer, plan.comp_host_ids_cpu, blocks)
         dig = page_digest(kb, plan.comp_src_loc, self.g.page_size)  # [nc, H, 2, D]
         self.digests[layer].index_copy_(0, plan.comp_host_ids, dig)
+
+    def _flush_partial(self, req_row: int, kv_len: int) -> None:
+        """Write the partial last page (in its sink or window slot) to its host page."""
+        from sglang_freekv.kernels.scatter import backup_gather
+        from sglang_freekv.layout import page_slot
+
+        page = (kv_len - 1) // self.g.page_size
+        host_id = self.t.host_pages_cpu[req_row, page].to(torch.int64).reshape(1)
+        if int(host_id) < 0:
+            return
+        slot = page_slot(torch.tensor([page]), self.g)
+        src = self.t.slot_loc_cpu[req_row, slot].to(self.device)  # [1] first row
+        for layer in self.sparse_layers:
+            kb, vb = self.k_buffers[layer], self.v_buffers[layer]
+            self.host.write_blocks(layer, host_id, backup_gather(kb, vb, src, self.g.page_size))
 
     def add_recall_stats(self, n_blocks: int) -> None:
         with self._lock:

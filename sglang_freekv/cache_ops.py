@@ -77,8 +77,9 @@ class CacheTables:
 
 
 def write_prompt(cache: FreeKVCache, row: int, prompt_len: int, prompt_loc: torch.Tensor,
-                 ids: torch.Tensor) -> int:
-    """Prompt -> host (full pages, HND) + digests + budget slots, for every non-dense layer.
+                 ids: torch.Tensor, first_page: int = 0) -> int:
+    """Prompt -> host (pages ``>= first_page``, HND, the last even if partial) + digests of
+    the full ones + budget slots, for every non-dense layer.
 
     Returns ``min(M, k)``, the number of retrieved slots filled (dense-regime content).
     """
@@ -104,16 +105,21 @@ def write_prompt(cache: FreeKVCache, row: int, prompt_len: int, prompt_loc: torc
     src = loc[pos[valid].to(dev)]  # rows of the prompt
     first = cache.t.slot_loc_cpu[row, slots]  # [npc]
     dst = (first[:, None] + ar(p))[valid].to(dev)  # rows of the budget slots
-    starts = torch.arange(full, device=dev) * p  # [F] first rows in the gathered copy
+    # Host pages [first_page, n_pages): rows gathered contiguously, a partial last page padded
+    # by repeating its last row (those rows are overwritten when the page completes).
+    wpos = ar(first_page * p, n_pages * p).clamp(max=prompt_len - 1).to(dev)
+    n_w = n_pages - first_page
+    n_full = full - first_page  # full pages among them
+    starts = torch.arange(n_w, device=dev) * p  # first rows in the gathered copy
     for layer in cache.sparse_layers:
         kb, vb = cache.k_buffers[layer], cache.v_buffers[layer]
-        if full:
-            # Gather full pages contiguously (prompt rows need not be page aligned).
-            kf, vf = kb[loc[: full * p]], vb[loc[: full * p]]  # [F*P, H, D]
-            blocks = backup_gather(kf, vf, starts, p)  # [F, H, 2, P, D] HND
-            cache.host.write_blocks(layer, ids[:full], blocks)
-            dig = page_digest(kf, starts, p)  # [F, H, 2, D]
-            cache.digests[layer].index_copy_(0, ids[:full].to(dev), dig)
+        if n_w > 0:
+            kf, vf = kb[loc[wpos]], vb[loc[wpos]]  # [n_w*P, H, D]
+            blocks = backup_gather(kf, vf, starts, p)  # [n_w, H, 2, P, D] HND
+            cache.host.write_blocks(layer, ids[first_page:], blocks)
+            if n_full > 0:
+                dig = page_digest(kf, starts[:n_full], p)  # [n_full, H, 2, D]
+                cache.digests[layer].index_copy_(0, ids[first_page:full].to(dev), dig)
         kb[dst] = kb[src]
         vb[dst] = vb[src]
     return n_res

@@ -41,7 +41,12 @@ def pages_for_budget(
 
 
 class FreeKVHostPool:
-    """Host KV tier with an exact per-owner page allocator.
+    """Host KV tier with an exact, reference-counted page allocator.
+
+    A page is allocated with one reference (its ``owner``, a request row, is recorded for
+    stats); :meth:`incref` / :meth:`decref` add and drop references (prefix sharing: several
+    requests, and the serving engine's cached token ids, may hold one page); the page returns
+    to the free stack when its count reaches 0.
 
     Parameters
     ----------
@@ -77,6 +82,7 @@ class FreeKVHostPool:
         self._free = torch.arange(num_pages - 1, -1, -1, dtype=torch.int64)  # pops 0, 1, 2...
         self._top = num_pages
         self._owner = torch.full((num_pages,), -1, dtype=torch.int64)
+        self._ref = torch.zeros((num_pages,), dtype=torch.int64)  # references per page
         self._backup_stream: torch.cuda.Stream | None = None
         self._last_write: torch.cuda.Event | None = None
 
@@ -90,7 +96,7 @@ class FreeKVHostPool:
         return self.num_pages - self._top
 
     def used_by(self, owner: int) -> int:
-        """Pages held by ``owner`` (O(num_pages); for tests and stats)."""
+        """Live pages allocated by ``owner`` (O(num_pages); for tests and stats)."""
         return int((self._owner == owner).sum())
 
     def _check(self, needed: int) -> None:
@@ -108,6 +114,7 @@ class FreeKVHostPool:
         ids = self._free[self._top - n : self._top].flip(0).clone()  # [n] int64
         self._top -= n
         self._owner[ids] = owner
+        self._ref[ids] = 1
         return ids
 
     def alloc_each(self, owners: torch.Tensor) -> torch.Tensor:
@@ -117,16 +124,44 @@ class FreeKVHostPool:
         ids = self._free[self._top - n : self._top].flip(0).clone()
         self._top -= n
         self._owner[ids] = owners.to(torch.int64)
+        self._ref[ids] = 1
         return ids
 
-    def free_owner(self, owner: int) -> int:
-        """Return every page of ``owner`` to the pool; returns how many were freed."""
-        ids = torch.nonzero(self._owner == owner).flatten()  # [m] int64
-        m = int(ids.numel())
-        self._owner[ids] = -1
-        self._free[self._top : self._top + m] = ids.flip(0)
+    def refs(self, ids: torch.Tensor) -> torch.Tensor:
+        """Reference counts of pages ``ids`` (``[n]`` int64, cpu)."""
+        return self._ref[ids.to("cpu", torch.int64)]
+
+    def incref(self, ids: torch.Tensor) -> None:
+        """One more reference on each entry of ``ids`` (``[n]`` int, any device; repeats
+        count). Every page must be allocated (ValueError otherwise)."""
+        ids = ids.to("cpu", torch.int64)
+        if ids.numel() == 0:
+            return
+        if bool((self._ref[ids] <= 0).any()):
+            raise ValueError("FreeKVHostPool.incref: a page id is not allocated")
+        self._ref.index_add_(0, ids, torch.ones_like(ids))
+
+    def decref(self, ids: torch.Tensor) -> int:
+        """Drop one reference per entry of ``ids`` (repeats count); pages reaching 0 return
+        to the pool. Returns how many pages were freed. ValueError on a count below 0."""
+        ids = ids.to("cpu", torch.int64)
+        if ids.numel() == 0:
+            return 0
+        self._ref.index_add_(0, ids, torch.full_like(ids, -1))
+        uniq = torch.unique(ids)
+        if bool((self._ref[uniq] < 0).any()):
+            raise ValueError("FreeKVHostPool.decref: a page was released more often than held")
+        dead = uniq[self._ref[uniq] == 0]
+        m = int(dead.numel())
+        self._owner[dead] = -1
+        self._free[self._top : self._top + m] = dead.flip(0)
         self._top += m
         return m
+
+    def free_owner(self, owner: int) -> int:
+        """Drop the allocation reference of every page ``owner`` allocated (pages nobody else
+        references return to the pool); returns how many were freed."""
+        return self.decref(torch.nonzero(self._owner == owner).flatten())
 
     # ------------------------------------------------------------------ data
     def write_blocks(self, layer: int, host_ids: torch.Tensor, blocks: torch.Tensor) -> None:

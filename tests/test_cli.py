@@ -89,12 +89,6 @@ def test_policy_rides_on_the_pickled_record_and_env() -> None:
     assert rest.count('"speculative": false') == 2 and rest.count('"budget": 1024') == 2
 
 
-def test_freekv_without_disable_radix_cache_is_refused() -> None:
-    out, _ = _launch("--model-path", embedded_model_path(), "--kv-policy", "freekv")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "needs --disable-radix-cache" in out.stderr
-
-
 def test_host_tier_smaller_than_one_budget_is_refused() -> None:
     out, elapsed = _launch("--model-path", embedded_model_path(), "--kv-policy", "freekv",
                            "--disable-radix-cache", "--freekv-config", '{"host_memory_gb": 0.01}')

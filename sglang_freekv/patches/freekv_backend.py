@@ -29,6 +29,12 @@ from sglang_freekv.patches.freekv_pool import ACTIVE
 logger = logging.getLogger(__name__)
 
 _FREE_ROWS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
+_CHECKPOINT = "sglang.srt.mem_cache.radix_cache.RadixCache.checkpoint"
+_TOKEN_FREE = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free"
+_TOKEN_CLEAR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear"
+_PAGED_FREE = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.free"
+_PAGED_SEGMENT = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.free_segment"
+_PAGED_CLEAR = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.clear"
 
 
 def _padded_table(indptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -62,6 +68,15 @@ def create_backend(runner: Any) -> Any:
             self.ext_table: torch.Tensor | None = None  # [bs, max_seq] translated rows
             self.last_layer = pool.start_layer + pool.layer_num - 1
             self.metrics = freekv_metrics.FreeKVMetrics.create(get_parallel().tp_rank)
+            # Prefix sharing: host token slot (page * P + offset) of every live logical token
+            # id (-1 none). Each mapped id holds one reference on its host page, dropped when
+            # SGLang frees the id (allocator hook), so pages the radix cache still points at
+            # outlive their request.
+            self.host_of_loc = torch.full((pool.size + pool.page_size + 1,), -1,
+                                          dtype=torch.int64)
+            self.kv_lens: dict[int, int] = {}  # req row -> tokens with KV (for the flush)
+            self.prefix_rows: torch.Tensor | None = None  # staging rows of loaded prefixes
+            self.radix = not getattr(model_runner.server_args, "disable_radix_cache", True)
             ACTIVE["backend"] = self
 
         # ---------------------------------------------------------------- metadata
@@ -92,11 +107,81 @@ def create_backend(runner: Any) -> Any:
                 mine = rows[start : start + n]
                 self.staged[row] = mine if prev is None else torch.cat([prev, mine])
                 start += n
-            max_len = int(fb.seq_lens_cpu.max())
             r2t = self.req_to_token_pool.req_to_token
+            prefix_lens = list(fb.extend_prefix_lens_cpu or [0] * len(req_rows))
+            if any(prefix_lens):
+                self._stage_prefixes(req_rows, prefix_lens)
+            max_len = int(fb.seq_lens_cpu.max())
             self.ext_table = pool.loc_map[r2t[fb.req_pool_indices, :max_len].to(torch.int64)]
 
-        def _commit(self, row: int, prompt_len: int) -> None:
+        def _stage_prefixes(self, req_rows: list[int], prefix_lens: list[int]) -> None:
+            """Matched prefixes (radix cache): load their K/V of every sparse layer from the
+            host tier into staging rows, so prefill attends over them and commit can copy."""
+            pool, cache, r2t = self.pool, self.cache, self.req_to_token_pool.req_to_token
+            ids = torch.unique(torch.cat([r2t[row, :n].to("cpu", torch.int64)
+                                          for row, n in zip(req_rows, prefix_lens) if n]))
+            slots = self.host_of_loc[ids]
+            if bool((slots < 0).any()):
+                raise RuntimeError("freekv: a cached prefix token has no host-tier copy")
+            rows = pool.staging.alloc(int(ids.numel()))
+            if rows is None:
+                raise RuntimeError(f"freekv: prefill staging is full ({pool.staging_rows} "
+                                   "rows) while loading cached prefixes")
+            for layer in cache.sparse_layers:
+                k, v = cache.load_tokens(layer, slots)
+                pool.k_buffer[layer][rows] = k
+                pool.v_buffer[layer][rows] = v
+            pool.loc_map[ids.to(pool.loc_map.device)] = rows
+            self.prefix_rows = rows
+
+        def _shared_pages(self, row: int, prefix_len: int) -> torch.Tensor:
+            """Host pages that hold whole leading pages of a matched prefix: the page's P
+            token ids map, in order, to one host page (``[f]`` int64, cpu)."""
+            p = self.cache.g.page_size
+            full = prefix_len // p
+            if full == 0:
+                return torch.empty(0, dtype=torch.int64)
+            ids = self.req_to_token_pool.req_to_token[row, : full * p].to("cpu", torch.int64)
+            s = self.host_of_loc[ids].view(full, p)
+            ok = (s[:, 0] >= 0) & (s[:, 0] % p == 0)
+            ok &= (s == s[:, :1] + torch.arange(p)).all(1)
+            f = int(ok.to(torch.int64).cumprod(0).sum())
+            return s[:f, 0] // p
+
+        def _map_tokens(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+            """Point logical ``ids`` at host ``slots`` (one page reference per id)."""
+            ids, slots = ids.to("cpu", torch.int64), slots.to("cpu", torch.int64)
+            keep = slots >= 0
+            ids, slots = ids[keep], slots[keep]
+            old = self.host_of_loc[ids]
+            self.cache.host.decref(old[old >= 0] // self.cache.g.page_size)  # id reused
+            self.host_of_loc[ids] = slots
+            self.cache.host.incref(slots // self.cache.g.page_size)
+
+        def after_checkpoint(self, row: int) -> None:
+            """The radix cache replaced some of a running request's token ids by the ids of
+            an identical cached prefix (and freed its own): move the request's full pages to
+            the cached copies, so duplicate host pages do not outgrow the host tier."""
+            if row not in self.committed:
+                return
+            shared = self._shared_pages(row, self.kv_lens.get(row, 0))
+            f = int(shared.numel())
+            if f == 0:
+                return
+            mine = self.cache.t.host_pages_cpu[row, :f].to(torch.int64)
+            diff = torch.nonzero(mine != shared).flatten()
+            self.cache.replace_pages(row, diff, shared[diff])
+
+        def free_token_ids(self, ids: torch.Tensor) -> None:
+            """SGLang freed logical ``ids``: drop their host page references."""
+            ids = ids.to("cpu", torch.int64)
+            ids = ids[(ids >= 0) & (ids < self.host_of_loc.numel())]
+            slots = self.host_of_loc[ids]
+            self.host_of_loc[ids] = -1
+            if self.cache.host.decref(slots[slots >= 0] // self.cache.g.page_size):
+                self.metrics.update(self)
+
+        def _commit(self, row: int, prompt_len: int, prefix_len: int = 0) -> None:
             pool = self.pool
             if row in self.committed:  # a retracted request comes back through release
                 self.release_rows([row])
@@ -108,7 +193,11 @@ def create_backend(runner: Any) -> Any:
             g = self.cache.g
             slot_loc = chunk[0] + torch.arange(g.budget_pages, dtype=torch.int64) * g.page_size
             self.cache.admit(row, slot_loc)
-            self.cache.commit_prefill(row, prompt_len, prompt_rows)
+            shared = self._shared_pages(row, prefix_len) if prefix_len else None
+            self.cache.commit_prefill(row, prompt_len, prompt_rows, shared)
+            self._map_tokens(logical[prefix_len:],
+                             self.cache.token_host_slots(row, prefix_len, prompt_len))
+            self.kv_lens[row] = prompt_len
             staged = self.staged.pop(row, None)
             if staged is not None:
                 pool.staging.free(staged)
@@ -124,6 +213,13 @@ def create_backend(runner: Any) -> Any:
             self.plan = self.cache.plan_decode(fb.req_pool_indices, fb.seq_lens, lens_cpu,
                                                rows_cpu)
             self.table = _padded_table(self.plan.kv_indptr, self.plan.kv_indices)
+            # This step's token: its host slot (the page was opened by plan_decode).
+            p = self.cache.g.page_size
+            pos = lens_cpu - 1
+            page = self.cache.t.host_pages_cpu[rows_cpu, pos // p].to(torch.int64)
+            self._map_tokens(fb.out_cache_loc, page * p + pos % p)
+            for row, n in zip(rows_cpu.tolist(), lens_cpu.tolist()):
+                self.kv_lens[row] = n
 
         # ---------------------------------------------------------------- forward
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[no-untyped-def]
@@ -147,8 +243,12 @@ def create_backend(runner: Any) -> Any:
                 # Every layer has written this batch's K/V: commit the prompts (chunked
                 # prefill is off under FreeKV, so each extend holds whole prompts).
                 rows = forward_batch.req_pool_indices.tolist()
-                for row, n in zip(rows, forward_batch.seq_lens_cpu.tolist()):
-                    self._commit(row, n)
+                prefix_lens = list(forward_batch.extend_prefix_lens_cpu or [0] * len(rows))
+                for row, n, m in zip(rows, forward_batch.seq_lens_cpu.tolist(), prefix_lens):
+                    self._commit(row, n, m)
+                if self.prefix_rows is not None:
+                    self.pool.staging.free(self.prefix_rows)
+                    self.prefix_rows = None
                 self.metrics.update(self)
             return o
 
@@ -188,8 +288,11 @@ def create_backend(runner: Any) -> Any:
             pool = self.pool
             for row in rows:
                 chunk = self.committed.pop(row, None)
+                kv_len = self.kv_lens.pop(row, None)
                 if chunk is not None:
-                    self.cache.release(row)
+                    # With the radix cache the engine may keep this request's token ids: its
+                    # partial last page must then be readable from the host tier.
+                    self.cache.release(row, kv_len if self.radix else None)
                     pool.slots.free(chunk)
                 staged = self.staged.pop(row, None)
                 if staged is not None:
@@ -207,6 +310,41 @@ def _free_rows(self: Any, indices: Any, *args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _free_token_ids(self: Any, free_index: Any, *args: Any, **kwargs: Any) -> None:
+    """Allocator ``free``: token ids freed now (a deferred group comes back through here)."""
+    backend = ACTIVE.get("backend")
+    if backend is None or getattr(self, "free_group", None) is not None:
+        return None
+    if isinstance(free_index, torch.Tensor) and free_index.numel():
+        backend.free_token_ids(free_index)
+    return None
+
+
+def _free_token_segment(self: Any, free_index: Any, *args: Any, **kwargs: Any) -> None:
+    """Paged allocator ``free_segment`` (frees page ids directly, grouped or not)."""
+    backend = ACTIVE.get("backend")
+    if backend is not None and isinstance(free_index, torch.Tensor) and free_index.numel():
+        backend.free_token_ids(free_index)
+    return None
+
+
+def _after_checkpoint(result: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> None:
+    """RadixCache.checkpoint (after prefill, and at release)."""
+    backend = ACTIVE.get("backend")
+    row = getattr(getattr(req, "kv", None), "req_pool_idx", None)
+    if backend is not None and row is not None and not req.finished():
+        backend.after_checkpoint(int(row))
+    return None
+
+
+def _free_all_tokens(self: Any, *args: Any, **kwargs: Any) -> None:
+    """Allocator ``clear`` (flush_cache, idle server): every token id is free again."""
+    backend = ACTIVE.get("backend")
+    if backend is not None:
+        backend.free_token_ids(torch.nonzero(backend.host_of_loc >= 0).flatten())
+    return None
+
+
 def register() -> None:
     from sglang.srt.arg_groups.choices import (
         ATTENTION_BACKEND_CHOICES,
@@ -219,3 +357,9 @@ def register() -> None:
         add_attention_backend_choices(["freekv"])
     register_attention_backend("freekv")(create_backend)
     HookRegistry.register(_FREE_ROWS, _free_rows, HookType.BEFORE)
+    HookRegistry.register(_CHECKPOINT, _after_checkpoint, HookType.AFTER)
+    HookRegistry.register(_TOKEN_FREE, _free_token_ids, HookType.BEFORE)
+    HookRegistry.register(_TOKEN_CLEAR, _free_all_tokens, HookType.BEFORE)
+    HookRegistry.register(_PAGED_FREE, _free_token_ids, HookType.BEFORE)
+    HookRegistry.register(_PAGED_SEGMENT, _free_token_segment, HookType.BEFORE)
+    HookRegistry.register(_PAGED_CLEAR, _free_all_tokens, HookType.BEFORE)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 COUNTERS = {
     "recall_bytes": ("sglang:freekv_recall_bytes", "Bytes recalled from the host tier"),
     "recalled_pages": ("sglang:freekv_recalled_pages", "(page, KV head) blocks recalled"),
@@ -18,7 +20,10 @@ COUNTERS = {
     "corrected_heads": ("sglang:freekv_corrected_heads", "(request, KV head) corrections"),
 }
 GAUGES = {
-    "host_pages_used": ("sglang:freekv_host_pages_used", "Host-tier pages held by requests"),
+    "host_pages_used": ("sglang:freekv_host_pages_used",
+                        "Host-tier pages held by requests in flight"),
+    "host_pages_cached": ("sglang:freekv_host_pages_cached",
+                          "Host-tier pages held only by the radix cache (prefix sharing)"),
     "device_pages_used": ("sglang:freekv_device_pages_used",
                           "Device pages (budget slots + prefill staging) held by requests"),
 }
@@ -62,5 +67,8 @@ class FreeKVMetrics:
         p = backend.cache.g.page_size
         device_pages = len(backend.committed) * backend.cache.g.budget_pages
         device_pages += -(-pool.staging.used // p)
-        self.gauges["host_pages_used"].set(int(stats["host_pages_used"]))
+        tables = backend.cache.t.host_pages_cpu[sorted(backend.committed)]
+        in_flight = int(torch.unique(tables[tables >= 0]).numel()) if tables.numel() else 0
+        self.gauges["host_pages_used"].set(in_flight)
+        self.gauges["host_pages_cached"].set(int(stats["host_pages_used"]) - in_flight)
         self.gauges["device_pages_used"].set(device_pages)

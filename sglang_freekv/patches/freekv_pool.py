@@ -4,6 +4,8 @@ Changes (only when ``--kv-policy freekv`` is active in this process):
 - ``KVCacheConfigurator._derive_pool_sizes`` (AFTER): remembers ``max_running_requests``.
 - ``KVCacheConfigurator._resolve_kv_pool_class`` (AROUND): for ``kind="mha"`` returns
   :class:`FreeKVTokenToKVPool`.
+- ``PrefillAdder.add_one_req`` (AROUND): stops filling a prefill batch before its tokens
+  (cached prefixes included, they are staged too) overflow the prefill staging rows.
 
 Memory model. SGLang's allocator hands out *logical* token ids (``req_to_token``) over the
 whole context as usual; the logical capacity (``max_total_tokens``) is capped to the host tier
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 _SIZES = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._derive_pool_sizes"
 _RESOLVE = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class"
+_ADMIT = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
 
 _state: dict[str, Any] = {"max_running_requests": None}
 # Device rows for prompts being prefilled (kept until each request's first decode step).
@@ -220,8 +223,29 @@ def pool_class(base: type) -> type:
     return FreeKVTokenToKVPool
 
 
+def _add_one_req(orig: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    """Admit a request into a prefill batch only while the batch's staging rows (its
+    extended tokens plus its cached prefixes, loaded from the host tier) fit FreeKV's
+    prefill staging area; the first request always fits (staging >= one context)."""
+    pool = ACTIVE.get("pool")
+    if pool is None:
+        return orig(self, req, *args, **kwargs)
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    need = len(req.full_untruncated_fill_ids)  # prefix + extend tokens, all staged
+    staged = getattr(self, "_freekv_staged", 0)
+    if self.can_run_list and staged + need > pool.staging_rows:
+        return AddReqResult.OTHER
+    before = len(self.can_run_list)
+    result = orig(self, req, *args, **kwargs)
+    if len(self.can_run_list) > before:
+        self._freekv_staged = staged + need
+    return result
+
+
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    HookRegistry.register(_ADMIT, _add_one_req, HookType.AROUND)
     HookRegistry.register(_SIZES, _derive_pool_sizes, HookType.AFTER)
     HookRegistry.register(_RESOLVE, _resolve_kv_pool_class, HookType.AROUND)

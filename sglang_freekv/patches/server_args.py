@@ -138,11 +138,6 @@ def _context_length(args: argparse.Namespace) -> int | None:
 
 def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
     """Launcher-side settings the FreeKV serving path needs (one line each, no surprises)."""
-    if not getattr(args, "disable_radix_cache", False):
-        raise FreeKVConfigError(
-            "freekv-config: radix cache: --kv-policy freekv needs --disable-radix-cache "
-            "(prefix sharing with FreeKV is not supported yet)"
-        )
     for flag, bad in (("speculative_algorithm", None), ("enable_dp_attention", False),
                       ("enable_mixed_chunk", False)):
         value = getattr(args, flag, bad)

@@ -6,7 +6,9 @@
 (d) concurrent requests of different lengths plus aborted ones: the usage gauges go back to 0
     and the server still answers;
 (e) bad requests (beyond the model's context, beyond the host tier) get a clear HTTP 4xx and
-    the server stays up.
+    the server stays up;
+(f) prefix sharing with the radix cache (on in every FreeKV server here): a matched prefix is
+    served from the host tier with the same tokens as the uncached request.
 
 Only ONE server runs at a time (the machine has 2 cores): ``servers`` keeps the current
 configuration's server and stops it before starting another, so tests are grouped by
@@ -59,8 +61,9 @@ EQUAL_NEW_TOKENS = 48
 
 
 def _freekv_args(model: str, cfg: dict, *extra: str) -> list[str]:
+    # The radix cache stays on (SGLang's default): FreeKV shares matched prefixes.
     return [
-        "--model-path", model, "--dtype", "float32", "--disable-radix-cache",
+        "--model-path", model, "--dtype", "float32",
         "--kv-policy", "freekv", "--freekv-config", json.dumps(cfg), *extra,
     ]
 
@@ -288,6 +291,32 @@ def test_d_concurrent_and_aborted_requests_release_everything(
 
     out = server.generate("The capital of France is", 8)
     assert out["meta_info"]["completion_tokens"] > 0 and out["text"].strip()
+
+
+def test_f_radix_prefix_sharing(servers: Servers, passkey_prompts: dict) -> None:
+    """A ~3K-token passkey prompt, then the same prompt and one that shares its first 2000
+    tokens: the repeats report cached tokens (their prefix KV comes from the host tier, their
+    full pages are shared) and answer exactly as the uncached request; /flush_cache returns
+    every page the radix cache held."""
+    server = servers.get("freekv")
+    p = passkey_prompts[(3000, 0.5)]
+    ids = list(p.input_ids)
+    first = generate_ids(server, ids, PASSKEY_NEW_TOKENS)
+    again = generate_ids(server, ids, PASSKEY_NEW_TOKENS)
+    assert again["meta_info"]["cached_tokens"] >= len(ids) - 1, again["meta_info"]
+    assert again["output_ids"] == first["output_ids"]
+    mixed = ids[:2000] + ids[-300:]  # the needle is at ~1500: kept
+    out = generate_ids(server, mixed, PASSKEY_NEW_TOKENS)
+    assert out["meta_info"]["cached_tokens"] >= 2000, out["meta_info"]
+    assert found_key(out["text"], p.key) == found_key(first["text"], p.key), out["text"]
+    cached = metric_values(server.url, "sglang:freekv_host_pages_cached")
+    assert cached and sum(cached) > 0, cached
+    assert requests.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
+    deadline = time.monotonic() + 30
+    while sum(metric_values(server.url, "sglang:freekv_host_pages_cached")) != 0:
+        assert time.monotonic() < deadline, "cached host pages not returned after flush_cache"
+        time.sleep(1)
+    assert sum(metric_values(server.url, "sglang:freekv_host_pages_used")) == 0
 
 
 def test_e_prompt_beyond_model_context_is_refused(servers: Servers) -> None:
