@@ -10,8 +10,9 @@ Per forward:
   rows; after the last layer every prompt is committed to FreeKV (host tier, digests, budget
   slots) and its staging rows are returned.
 - decode: ``FreeKVCache.plan_decode`` once per step and, per sparse
-  layer, ``prepare_layer`` -> token K/V write -> ``before_attention`` -> SDPA over the budget
-  rows (same per-request SDPA as torch_native, so budget >= context is bit-identical) ->
+  layer, ``prepare_layer`` -> token K/V write -> ``before_attention`` -> attention over the
+  budget rows (CPU: the same per-request SDPA as torch_native, so budget >= context is
+  bit-identical; CUDA: SGLang's Triton decode kernel, ``freekv_decode.py``) ->
   ``after_attention``. Dense layers run stock torch_native over their full-size buffers.
 Not CUDA-graph capturable; the launcher turns decode graphs and the overlap scheduler off.
 """
@@ -29,7 +30,9 @@ from sglang_freekv.patches.freekv_pool import ACTIVE
 logger = logging.getLogger(__name__)
 
 _FREE_ROWS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
-_CHECKPOINT = "sglang.srt.mem_cache.radix_cache.RadixCache.checkpoint"
+# SGLang 0.5.23 builds a UnifiedRadixCache for MHA models (RadixCache for other setups).
+_TREES = ("sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache",
+          "sglang.srt.mem_cache.radix_cache.RadixCache")
 _TOKEN_FREE = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free"
 _TOKEN_CLEAR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear"
 _PAGED_FREE = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.free"
@@ -76,6 +79,7 @@ def create_backend(runner: Any) -> Any:
                                           dtype=torch.int64)
             self.kv_lens: dict[int, int] = {}  # req row -> tokens with KV (for the flush)
             self.prefix_rows: torch.Tensor | None = None  # staging rows of loaded prefixes
+            self.evict_logged = False
             self.radix = not getattr(model_runner.server_args, "disable_radix_cache", True)
             ACTIVE["backend"] = self
 
@@ -154,9 +158,9 @@ def create_backend(runner: Any) -> Any:
             keep = slots >= 0
             ids, slots = ids[keep], slots[keep]
             old = self.host_of_loc[ids]
-            self.cache.host.decref(old[old >= 0] // self.cache.g.page_size)  # id reused
+            self.cache.host.incref(slots // self.cache.g.page_size)  # before the old drop
             self.host_of_loc[ids] = slots
-            self.cache.host.incref(slots // self.cache.g.page_size)
+            self.cache.host.decref(old[old >= 0] // self.cache.g.page_size)  # id reused
 
         def after_checkpoint(self, row: int) -> None:
             """The radix cache replaced some of a running request's token ids by the ids of
@@ -171,6 +175,28 @@ def create_backend(runner: Any) -> Any:
             mine = self.cache.t.host_pages_cpu[row, :f].to(torch.int64)
             diff = torch.nonzero(mine != shared).flatten()
             self.cache.replace_pages(row, diff, shared[diff])
+
+        def ensure_host_pages(self, n: int) -> None:
+            """Make ``n`` host pages free, evicting radix-cache entries if needed (cached
+            prefixes hold host pages; the host tier holds ``max_total_tokens`` plus one page
+            per request, so partial cached pages can exhaust it before the token pool)."""
+            host = self.cache.host
+            tree = getattr(ACTIVE.get("scheduler"), "tree_cache", None)
+            if host.free_pages >= n:
+                return
+            log = logger.debug if self.evict_logged else logger.info
+            self.evict_logged = True
+            log("freekv: host tier has %d free pages, %d needed: evicting radix-cache entries "
+                "(logged once at info)", host.free_pages, n)
+            if tree is None:
+                return
+            from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+            p = self.cache.g.page_size
+            while host.free_pages < n:
+                want = max(p, (n - host.free_pages) * p)
+                if tree.evict(EvictParams(num_tokens=want)).num_tokens_evicted == 0:
+                    break  # nothing evictable: the allocation below raises a clear error
 
         def free_token_ids(self, ids: torch.Tensor) -> None:
             """SGLang freed logical ``ids``: drop their host page references."""
@@ -194,6 +220,8 @@ def create_backend(runner: Any) -> Any:
             slot_loc = chunk[0] + torch.arange(g.budget_pages, dtype=torch.int64) * g.page_size
             self.cache.admit(row, slot_loc)
             shared = self._shared_pages(row, prefix_len) if prefix_len else None
+            n_shared = 0 if shared is None else int(shared.numel())
+            self.ensure_host_pages(-(-prompt_len // g.page_size) - n_shared)
             self.cache.commit_prefill(row, prompt_len, prompt_rows, shared)
             self._map_tokens(logical[prefix_len:],
                              self.cache.token_host_slots(row, prefix_len, prompt_len))
@@ -210,9 +238,13 @@ def create_backend(runner: Any) -> Any:
             for row, n in zip(rows_cpu.tolist(), lens_cpu.tolist()):
                 if row not in self.committed:
                     self._commit(row, n - 1)
+            self.ensure_host_pages(int(rows_cpu.numel()))  # at most one opened page each
             self.plan = self.cache.plan_decode(fb.req_pool_indices, fb.seq_lens, lens_cpu,
                                                rows_cpu)
-            self.table = _padded_table(self.plan.kv_indptr, self.plan.kv_indices)
+            # The torch path's padded row table (its max length is a host sync on a GPU,
+            # where the Triton kernel reads the ragged lists directly).
+            self.table = (None if self.plan.kv_indices.is_cuda
+                          else _padded_table(self.plan.kv_indptr, self.plan.kv_indices))
             # This step's token: its host slot (the page was opened by plan_decode).
             p = self.cache.g.page_size
             pos = lens_cpu - 1
@@ -274,12 +306,18 @@ def create_backend(runner: Any) -> Any:
             kb[plan.token_loc] = k.reshape(-1, layer.tp_k_head_num, d).to(kb.dtype)
             vb[plan.token_loc] = v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim).to(vb.dtype)
             cache.before_attention(local, plan, q3)
-            o = torch.empty_like(q3)
-            self._run_sdpa_forward_decode(
-                q3, o, kb, vb, self.table, torch.arange(plan.bs), plan.kv_lens,
-                None, scaling=layer.scaling, enable_gqa=hq != layer.tp_k_head_num,
-                causal=False,
-            )
+            if q3.is_cuda:  # GPU: SGLang's Triton decode kernel over the budget rows
+                from sglang_freekv.patches.freekv_decode import triton_decode
+
+                o = triton_decode(q3, kb, vb, plan.kv_indptr, plan.kv_indices, plan.kv_lens,
+                                  layer.scaling)
+            else:
+                o = torch.empty_like(q3)
+                self._run_sdpa_forward_decode(
+                    q3, o, kb, vb, self.table, torch.arange(plan.bs), plan.kv_lens,
+                    None, scaling=layer.scaling, enable_gqa=hq != layer.tp_k_head_num,
+                    causal=False,
+                )
             cache.after_attention(local, plan, q3)
             return o.reshape(-1, hq * layer.v_head_dim)
 
@@ -357,7 +395,8 @@ def register() -> None:
         add_attention_backend_choices(["freekv"])
     register_attention_backend("freekv")(create_backend)
     HookRegistry.register(_FREE_ROWS, _free_rows, HookType.BEFORE)
-    HookRegistry.register(_CHECKPOINT, _after_checkpoint, HookType.AFTER)
+    for tree in _TREES:
+        HookRegistry.register(f"{tree}.checkpoint", _after_checkpoint, HookType.AFTER)
     HookRegistry.register(_TOKEN_FREE, _free_token_ids, HookType.BEFORE)
     HookRegistry.register(_TOKEN_CLEAR, _free_all_tokens, HookType.BEFORE)
     HookRegistry.register(_PAGED_FREE, _free_token_ids, HookType.BEFORE)

@@ -250,6 +250,10 @@ def scheduler_init(result: Any, self: Any, server_args: Any, *args: Any, **kwarg
     policy, config = policy_of(server_args)
     self.freekv_policy = policy
     self.freekv_config = config
+    if policy == "freekv":
+        from sglang_freekv.patches.freekv_pool import ACTIVE
+
+        ACTIVE["scheduler"] = self  # its tree_cache is evicted when host pages run out
     logger.info(
         "freekv: scheduler tp_rank=%s policy=%s config=%s",
         get_parallel().tp_rank,
