@@ -10,7 +10,8 @@ Changes (all through SGLang's HookRegistry):
   spawned children. Invalid input prints one line naming the field, the value and the rule,
   and exits with status 2 (no traceback).
 - ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AFTER): records the policy on the
-  scheduler and logs it once per rank.
+  scheduler and logs it once per rank; under FreeKV also remembers the scheduler, whose radix
+  cache FreeKV evicts from when host-tier pages run out.
 
 Under FreeKV the launcher also caps ``max_total_tokens`` to the host tier and, when the tier
 holds fewer tokens than the model context, ``context_length`` to the tier: SGLang's tokenizer
