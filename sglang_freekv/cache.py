@@ -435,6 +435,9 @@ class FreeKVCache:
         src = self.t.slot_loc_cpu[req_row, slot].to(self.device)  # [1] first row
         for layer in self.sparse_layers:
             kb, vb = self.k_buffers[layer], self.v_buffers[layer]
+            # STREAM: the gather is a copy enqueued on the current stream before the slot rows
+            # can be handed to another request (also current-stream work), and write_blocks'
+            # backup stream waits the current stream before its D2H of that copy.
             self.host.write_blocks(layer, host_id, backup_gather(kb, vb, src, self.g.page_size))
 
     def add_recall_stats(self, n_blocks: int) -> None:
