@@ -32,6 +32,7 @@ from sglang_freekv.plan import FreeKVDecodePlan, build_plan
 from sglang_freekv.pool_host import FreeKVHostPool
 from sglang_freekv.recall import FreeKVRecallEngine
 from sglang_freekv.retrieval import select_batch
+from sglang_freekv.threads import single_intra_op_thread
 
 __all__ = ["FreeKVCache", "FreeKVDecodePlan"]
 
@@ -85,6 +86,8 @@ class FreeKVCache:
         self._is_sparse = [i not in dense for i in range(num_layers)]
         if pin_memory is None:
             pin_memory = self.device.type == "cuda"
+        # CPU engine: the per-layer hooks run with one intra-op thread (sglang_freekv.threads)
+        self._host_ops = self.device.type == "cpu"
         self.host = FreeKVHostPool(num_layers, num_host_pages, num_kv_heads, config.page_size,
                                    head_dim, dtype, pin_memory)
         self.recall = FreeKVRecallEngine(self.host, k_buffers, v_buffers, device=self.device,
@@ -99,8 +102,8 @@ class FreeKVCache:
                                    device=dev)  # [L, host pages, H, 2, D] min/max of keys
         self.last_q = torch.zeros((num_layers, max_reqs, num_qo_heads, head_dim), dtype=dtype,
                                   device=dev)  # [L, max_reqs, Hq, D] q of the previous step
-        self.spec_valid_for = torch.full((num_layers, max_reqs), -1,
-                                         dtype=torch.int64)  # cpu: seq_len a job served
+        # host: per layer and request row, the seq_len the last speculative job served (-1)
+        self.spec_valid_for = [[-1] * max_reqs for _ in range(num_layers)]
         self._flags_buf = torch.zeros((max_reqs, h), dtype=torch.bool,
                                       device=dev)  # shared per-step flags (snapshot per job)
         # fmt: on
@@ -132,7 +135,7 @@ class FreeKVCache:
         """
         self.t.set_slots(req_row, slot_loc)
         self.residency[:, req_row] = -1
-        self.spec_valid_for[:, req_row] = -1
+        self._forget_jobs(req_row)
 
     def commit_prefill(self, req_row: int, prompt_len: int, prompt_loc: torch.Tensor,
                        shared_pages: torch.Tensor | None = None) -> None:
@@ -167,7 +170,7 @@ class FreeKVCache:
         if n_res:
             self.residency[:, req_row, :, :n_res] = torch.arange(
                 g.sink_pages, g.sink_pages + n_res, dtype=torch.int32, device=self.device)
-        self.spec_valid_for[:, req_row] = -1
+        self._forget_jobs(req_row)
 
     def replace_pages(self, req_row: int, pages: torch.Tensor, host_ids: torch.Tensor) -> None:
         """Point logical ``pages`` (``[m]`` int64, cpu) of a request at other host pages
@@ -218,7 +221,7 @@ class FreeKVCache:
         self.host.decref(pages[pages >= 0])
         self.t.clear(req_row)
         self.residency[:, req_row] = -1
-        self.spec_valid_for[:, req_row] = -1
+        self._forget_jobs(req_row)
 
     def close(self) -> None:
         self.recall.wait_all()
@@ -268,33 +271,38 @@ class FreeKVCache:
         """
         if not self._is_sparse[layer]:
             return
+        with single_intra_op_thread(self._host_ops):
+            self._before_attention(layer, plan, q)
+
+    def _before_attention(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor) -> None:
         self._wait_job(layer)
         if not plan.any_sparse:
             return
         h, bs = self.num_kv_heads, plan.bs
-        sparse_c = plan.sparse_cpu
+        n_corr = n_checked = 0
         if self.cfg.speculative:
-            valid_c = (self.spec_valid_for[layer, plan.req_rows_cpu] == plan.seq_lens_cpu)
-            valid_c &= sparse_c
-            flags = (sparse_c & ~valid_c).to(self.device)[:, None].expand(bs, h)
-            n_flag = int((sparse_c & ~valid_c).sum()) * h
-            n_corr, n_checked = 0, int(valid_c.sum()) * h
-            if self.cfg.tau is not None and n_checked:
+            # Heads whose speculative job served this very step are checked for drift; the
+            # others (new to the sparse regime, or no job yet) select with q_t now.
+            served = self.spec_valid_for[layer]
+            valid = [sp and served[r] == n for sp, r, n in
+                     zip(plan.sparse_list, plan.rows_list, plan.seq_lens_list)]
+            rows_flag = [[sp and not ok] * h for sp, ok in zip(plan.sparse_list, valid)]
+            if self.cfg.tau is not None and any(valid):
                 from sglang_freekv.kernels.correct import correction_flags
 
                 corr, _ = correction_flags(q, self.last_q[layer, plan.req_rows], h,
                                            float(self.cfg.tau))
-                corr = corr & valid_c.to(self.device)[:, None]
-                flags = flags | corr
-                # SYNC: any(flags) decides whether to select/recall before attention.
-                n_corr, n_flag = (int(x) for x in torch.stack([corr.sum(), flags.sum()]).cpu())
-            elif self.cfg.tau is None:
-                n_checked = 0
+                # SYNC: the flags decide whether to select/recall before attention.
+                for b, heads in enumerate(corr.tolist()):
+                    if valid[b]:
+                        n_checked += h
+                        n_corr += sum(heads)
+                        rows_flag[b] = heads
         else:
-            flags = sparse_c.to(self.device)[:, None].expand(bs, h)
-            n_flag, n_corr, n_checked = int(sparse_c.sum()) * h, 0, 0
+            rows_flag = [[sp] * h for sp in plan.sparse_list]
+        n_flag = sum(map(sum, rows_flag))
         buf = self._flags_buf[:bs]
-        buf.copy_(flags)
+        buf.copy_(torch.tensor(rows_flag, dtype=torch.bool).view(bs, h))  # H2D on GPUs
         step = _LayerStep(flags=buf)
         self._steps[layer] = step
         with self._lock:
@@ -325,6 +333,12 @@ class FreeKVCache:
         """
         if not self._is_sparse[layer]:
             return
+        with single_intra_op_thread(self._host_ops):
+            self._after_attention(layer, plan, q, attn_done)
+
+    def _after_attention(
+        self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor, attn_done: Any
+    ) -> None:
         if plan.num_comp:
             self._write_through(layer, plan)
         if not self.cfg.speculative or not plan.any_next_sparse:
@@ -332,28 +346,41 @@ class FreeKVCache:
             return
         unsafe = self.debug_unsafe
         self.last_q[layer].index_copy_(0, plan.req_rows, q.to(self.dtype))  # persistent
-        jr_c = torch.nonzero(plan.next_sparse_cpu).flatten()  # [bj] batch positions
-        jr = jr_c.to(self.device)
-        rows_j = plan.req_rows[jr]
+        if all(plan.next_sparse_list):  # usual case: the job covers the whole batch
+            jr: torch.Tensor | None = None
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t
+        else:  # [bj] batch positions sparse at seq_len + 1
+            jr = torch.nonzero(plan.next_sparse_cpu).flatten().to(self.device)
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t[jr]
+        rows_j = pick(plan.req_rows)
         step = self._steps.pop(layer, None)
         sel = scores = None
         head_mask: torch.Tensor | None = None
         flags_src: torch.Tensor | None = None
         if step is not None and step.sel is not None and not plan.cand_changes_next:
             # Reuse sel_t; corrected heads already hold it, so only the other heads.
-            sel, scores = step.sel[jr], step.scores[jr]  # type: ignore[index]
+            sel, scores = pick(step.sel), pick(step.scores)  # type: ignore[arg-type]
             if "no_flag_snapshot" in unsafe:
                 flags_src = step.flags  # BUG on purpose: read later from the shared buffer
             else:
-                head_mask = ~step.flags[jr]  # type: ignore[index]  # snapshot (race 9)
+                head_mask = ~pick(step.flags)  # type: ignore[arg-type]  # new tensor (race 9)
         q_src = q if "shared_q" in unsafe else self.last_q[layer]
-        if "shared_q" in unsafe:
-            q_rows = jr  # caller's q is indexed by batch position
+        if "shared_q" in unsafe:  # caller's q is indexed by batch position
+            q_rows = jr if jr is not None else torch.arange(plan.bs, device=self.device)
         else:
             q_rows = rows_j
-        page_table, slot_loc = plan.page_table[jr], plan.slot_loc[jr]
-        cand_start, cand_end = plan.cand_start[jr], plan.next_cand_end[jr]
-        self.spec_valid_for[layer, plan.req_rows_cpu[jr_c]] = plan.seq_lens_cpu[jr_c] + 1
+        # Per-step plan tensors: fresh each step and never written after build, so the job
+        # may read them without copies.
+        page_table, slot_loc = pick(plan.page_table), pick(plan.slot_loc)
+        cand_start, cand_end = pick(plan.cand_start), pick(plan.next_cand_end)
+        served = self.spec_valid_for[layer]
+        for r, n, nxt in zip(plan.rows_list, plan.seq_lens_list, plan.next_sparse_list):
+            if nxt:
+                served[r] = n + 1
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -381,7 +408,7 @@ class FreeKVCache:
                                          cand_end, None, self.num_kv_heads, self.cfg.top_k,
                                          self.score_scale)
                 if mask is None:
-                    mask = ~flags_src[jr] if flags_src is not None else torch.ones(
+                    mask = ~pick(flags_src) if flags_src is not None else torch.ones(
                         s.shape[:2], dtype=torch.bool, device=s.device)
                 # CPU: the scatter waits the attn_done fence itself (CUDA: stream wait above).
                 fence = scatter_fence if js is None else None
@@ -401,6 +428,11 @@ class FreeKVCache:
         self._jobs[layer] = self.recall.submit(job)
 
     # ------------------------------------------------------------------ internals
+    def _forget_jobs(self, req_row: int) -> None:
+        """No speculative job has served row ``req_row`` (a new or released request)."""
+        for served in self.spec_valid_for:
+            served[req_row] = -1
+
     def _wait_job(self, layer: int) -> None:
         fut = self._jobs.pop(layer, None)
         if fut is None or "no_wait_future" in self.debug_unsafe:

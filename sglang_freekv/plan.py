@@ -42,6 +42,10 @@ class FreeKVDecodePlan:
     sparse: torch.Tensor            # [bs] bool, M > k at seq_len
     sparse_cpu: torch.Tensor        # [bs] bool, cpu
     any_sparse: bool
+    rows_list: list[int]            # req_rows_cpu as a list (host bookkeeping per layer)
+    seq_lens_list: list[int]        # seq_lens_cpu as a list
+    sparse_list: list[bool]         # sparse_cpu as a list
+    next_sparse_list: list[bool]    # next_sparse_cpu as a list
     next_cand_end: torch.Tensor     # [bs] int32, candidates of seq_len + 1
     next_sparse_cpu: torch.Tensor   # [bs] bool, cpu: sparse at seq_len + 1
     any_next_sparse: bool
@@ -123,6 +127,10 @@ def build_plan(
         sparse=dev(sparse),
         sparse_cpu=sparse,
         any_sparse=bool(sparse.any()),
+        rows_list=rows.tolist(),
+        seq_lens_list=n.tolist(),
+        sparse_list=sparse.tolist(),
+        next_sparse_list=nsparse.tolist(),
         next_cand_end=dev(nce),
         next_sparse_cpu=nsparse,
         any_next_sparse=bool(nsparse.any()),

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import torch
 
 from sglang_freekv.pool_host import FreeKVHostPool
+from sglang_freekv.threads import pin_worker_threads
 
 __all__ = ["FreeKVRecallEngine", "Fence"]
 
@@ -95,7 +96,7 @@ class FreeKVRecallEngine:
         }
         self.job_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         # REUSE: one ordered worker => async jobs never interleave on the async staging set.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freekv-recall")
+        self._executor = self._new_executor(1)
         self._inflight: set[Future[Any]] = set()
         self._lock = threading.Lock()
         self.debug_delay_s = 0.0
@@ -136,7 +137,16 @@ class FreeKVRecallEngine:
         """TEST ONLY: replace the ordered worker by ``n`` workers (removes race-8 protection)."""
         self.wait_all()
         self._executor.shutdown(wait=True)
-        self._executor = ThreadPoolExecutor(max_workers=n, thread_name_prefix="freekv-recall")
+        self._executor = self._new_executor(n)
+
+    def _new_executor(self, n: int) -> ThreadPoolExecutor:
+        """``n`` worker threads; on CPU each runs torch ops with one intra-op thread
+        (see :mod:`sglang_freekv.threads`: a job's ops are tiny, and a team of the worker's
+        own would spin against the model's team on the same cores)."""
+        ex = ThreadPoolExecutor(max_workers=n, thread_name_prefix="freekv-recall")
+        if not self.cuda:
+            pin_worker_threads(ex, n)
+        return ex
 
     def _debug(self, point: str) -> None:
         if self.debug_delay_s > 0:
@@ -253,8 +263,7 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     divides a row: CPU index_select/index_put are ~15x faster on int64 than on bf16 rows."""
     row_bytes = t.shape[-1] * t.element_size()
     for dt in (torch.int64, torch.int32, torch.int16):
-        size = torch.empty((), dtype=dt).element_size()
-        if row_bytes % size == 0 and t.element_size() <= size:
+        if row_bytes % dt.itemsize == 0 and t.element_size() <= dt.itemsize:
             return t.view(dt)
     return t
 

@@ -3,7 +3,9 @@
 Selection itself is the ``select_pages`` kernel (Quest bound, fp32 softmax over candidates per
 query head, group mean, top-k). This module feeds it the ragged candidate ranges and turns a
 selection into (a) the list of (request, head, slot, page) blocks to recall and (b) the new
-residency, with pure batched torch ops (no loop over pages or heads).
+residency: with batched torch ops and no host sync on GPUs (no loop over pages or heads), and,
+for small CPU batches, with Python lists (a few dozen (request, head) rows cost less as a
+list walk than as ~40 tensor ops of ~5 us each).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class RecallList:
     Fields (same device as the selection):
     ``batch [N] int64`` batch index, ``head [N] int64`` KV head, ``slot [N] int64`` retrieved slot
     ``j`` in ``[0, k)``, ``page [N] int64`` logical page, ``count [1] int64``.
+    (The list-walk path returns exactly ``count`` entries.)
     """
 
     batch: torch.Tensor
@@ -64,12 +67,16 @@ class RecallList:
     count: torch.Tensor
 
 
+LIST_WALK_MAX_ROWS = 96  # CPU batches with at most this many (request, head) rows
+
+
 def residency_diff(
     sel: torch.Tensor,
     sel_scores: torch.Tensor,
     residency: torch.Tensor,
     head_mask: torch.Tensor,
     resident_scores: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> tuple[RecallList, torch.Tensor]:
     """New residency and recall list for a selection.
 
@@ -88,10 +95,19 @@ def residency_diff(
     residency : ``[bs, H, k]`` int32, logical page per retrieved slot (-1 empty).
     head_mask : ``[bs, H]`` bool, heads to update.
     resident_scores : ``[bs, H, k]`` fp32 or None, new scores of the resident pages.
+    impl : ``"vector"`` (batched ops, any device, no host sync), ``"lists"`` (CPU list walk)
+        or None: ``"lists"`` for CPU batches of at most ``LIST_WALK_MAX_ROWS`` rows.
 
     Returns ``(RecallList, new_residency [bs, H, k] int32)``.
     """
     bs, h, k = sel.shape
+    if impl is None:
+        small = sel.device.type == "cpu" and bs * h <= LIST_WALK_MAX_ROWS
+        impl = "lists" if small else "vector"
+    if impl == "lists":
+        return _diff_lists(sel, sel_scores, residency, head_mask, resident_scores)
+    if impl != "vector":
+        raise ValueError(f"Invalid value of impl: {impl!r} (expected 'vector', 'lists' or None)")
     sel64 = sel.to(torch.int64)
     res64 = residency.to(torch.int64)
     sel_ok = sel64 >= 0
@@ -133,3 +149,46 @@ def residency_diff(
         count=flat_new.sum().reshape(1),
     )
     return recall, new_res.to(torch.int32)
+
+
+def _diff_lists(
+    sel: torch.Tensor,
+    sel_scores: torch.Tensor,
+    residency: torch.Tensor,
+    head_mask: torch.Tensor,
+    resident_scores: torch.Tensor | None,
+) -> tuple[RecallList, torch.Tensor]:
+    """:func:`residency_diff`'s rule as a walk over (request, head) rows (same results; the
+    recall list in the same (request, head, selection position) order, unpadded)."""
+    bs, h, k = sel.shape
+    sels, scs, ress = sel.tolist(), sel_scores.tolist(), residency.tolist()
+    masks = head_mask.tolist()
+    rss = resident_scores.tolist() if resident_scores is not None else None
+    out: list[list[int]] = [[], [], [], []]  # batch, head, slot, page
+    for b in range(bs):
+        for x in range(h):
+            if not masks[b][x]:
+                continue
+            s, res = sels[b][x], ress[b][x]
+            rset = {p for p in res if p >= 0}
+            new = [i for i, p in enumerate(s) if p >= 0 and p not in rset]
+            if not new:
+                continue
+            sset = {p for p in s if p >= 0}
+            evict = [j for j, p in enumerate(res) if p >= 0 and p not in sset]
+            if rss is not None:
+                row_scores = rss[b][x]
+                evict.sort(key=lambda j: row_scores[j])  # stable: ties in slot order
+            free = [j for j, p in enumerate(res) if p < 0] + evict
+            sc = scs[b][x]
+            by_score = sorted(new, key=lambda i: -sc[i])  # stable: ties in selection order
+            slot_of = {i: free[r] for r, i in enumerate(by_score)}
+            for i in new:  # selection order, like the vectorized compaction
+                res[slot_of[i]] = s[i]
+                for col, v in zip(out, (b, x, slot_of[i], s[i])):
+                    col.append(v)
+    dev = sel.device
+    cols = [torch.tensor(c, dtype=torch.int64, device=dev) for c in out]
+    recall = RecallList(batch=cols[0], head=cols[1], slot=cols[2], page=cols[3],
+                        count=torch.tensor([len(out[0])], dtype=torch.int64, device=dev))
+    return recall, torch.tensor(ress, dtype=torch.int32, device=dev).view(bs, h, k)

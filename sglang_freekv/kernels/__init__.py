@@ -8,14 +8,16 @@ forces one) and a ``ref_*`` PyTorch reference, which is the spec. Never imports 
 from __future__ import annotations
 
 from ._common import next_power_of_2, use_triton
-from .correct import correction_flags, ref_correction_flags
+from .correct import correction_flags, cpu_correction_flags, ref_correction_flags
 from .digest import page_digest, ref_page_digest
 from .scatter import backup_gather, recall_scatter, ref_backup_gather, ref_recall_scatter
-from .select import ref_score_pages, ref_select_pages, score_pages, select_pages
+from .select import cpu_score_pages, ref_score_pages, ref_select_pages, score_pages, select_pages
 
 __all__ = [
     "backup_gather",
     "correction_flags",
+    "cpu_correction_flags",
+    "cpu_score_pages",
     "next_power_of_2",
     "page_digest",
     "recall_scatter",

@@ -22,6 +22,7 @@ __all__ = [
     "check_positive_int",
     "use_triton",
     "resolve_impl",
+    "resolve_impl_cpu",
 ]
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,3 +123,13 @@ def resolve_impl(impl: str | None, t: torch.Tensor) -> str:
             f"got tensors on {t.device}"
         )
     return impl
+
+
+def resolve_impl_cpu(impl: str | None, t: torch.Tensor) -> str:
+    """For kernels that also have a batched PyTorch serving path for CPU engines:
+    ``"cpu"`` on request, or for ``impl=None`` where Triton cannot run; else
+    :func:`resolve_impl` (``"triton"`` | ``"ref"``)."""
+    if impl == "cpu":
+        return "cpu"
+    path = resolve_impl(impl, t)
+    return "cpu" if impl is None and path == "ref" else path

@@ -11,6 +11,9 @@ attention; the others reuse the speculative result selected with ``q_{t-1}``.
 
 * ``_correction_kernel`` — Triton, one program per (request, KV head).
 * :func:`correction_flags` — launcher. :func:`ref_correction_flags` — reference (the spec).
+* :func:`cpu_correction_flags` — the CPU serving path (``impl="cpu"``, the default for CPU
+  tensors): ATen's fused ``cosine_similarity`` (vectors normalised before the dot, norms
+  clamped at 1e-12, so a zero vector also gives 0), then the group mean: 4 ops, not 17.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from ._common import (
     check_same_device,
     check_tensor,
     next_power_of_2,
-    resolve_impl,
+    resolve_impl_cpu,
 )
 
-__all__ = ["correction_flags", "ref_correction_flags"]
+__all__ = ["correction_flags", "cpu_correction_flags", "ref_correction_flags"]
 
 
 @triton.jit
@@ -104,7 +107,8 @@ def correction_flags(
     tau : float
         threshold; a pair is flagged when its similarity is strictly below ``tau``.
     impl : str, optional
-        ``"triton"`` | ``"ref"``; default by device.
+        ``"triton"`` | ``"cpu"`` | ``"ref"``; default ``"triton"`` where Triton runs, else
+        ``"cpu"`` (:func:`cpu_correction_flags`).
 
     Returns
     -------
@@ -118,7 +122,10 @@ def correction_flags(
     No host sync on the Triton path; graph-capturable on CUDA (``tau`` is a launch arg).
     """
     _check_args(q, last_q, num_kv_heads, tau)
-    if resolve_impl(impl, q) == "ref":
+    path = resolve_impl_cpu(impl, q)
+    if path == "cpu":
+        return cpu_correction_flags(q, last_q, num_kv_heads, tau)
+    if path == "ref":
         return ref_correction_flags(q, last_q, num_kv_heads, tau)
     bs, num_qo_heads, head_dim = q.shape
     group_size = num_qo_heads // num_kv_heads
@@ -135,6 +142,21 @@ def correction_flags(
         BLOCK_D=next_power_of_2(head_dim),
     )  # fmt: skip
     return flags, sim
+
+
+def cpu_correction_flags(
+    q: torch.Tensor,
+    last_q: torch.Tensor,
+    num_kv_heads: int,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`correction_flags` as one fused ATen op (the CPU serving path; any device).
+    Same arguments and results up to fp32 rounding of ``sim``."""
+    _check_args(q, last_q, num_kv_heads, tau)
+    bs, num_qo_heads, _ = q.shape
+    cos = torch.nn.functional.cosine_similarity(q.float(), last_q.float(), dim=-1, eps=1e-12)
+    sim = cos.view(bs, num_kv_heads, num_qo_heads // num_kv_heads).mean(-1)  # [bs, H] fp32
+    return sim < tau, sim
 
 
 def ref_correction_flags(

@@ -20,6 +20,10 @@ other position scores ``-inf``.
 * ``_group_softmax_kernel`` — Triton, one program per (request, KV head): masked
   softmax per query head (online max/sum), then the group mean.
 * :func:`score_pages`, :func:`select_pages` — launchers (top-k is ``torch.topk``).
+* :func:`cpu_score_pages` — the serving path on CPU (``impl="cpu"``, the default for CPU
+  tensors): the whole batch in ~15 tensor ops. With ``min <= max`` (true of every digest),
+  ``max(q*min, q*max) = min(q, 0)*min + max(q, 0)*max``, so the bounds of all pages are one
+  batched matmul instead of a ``[H, G, pages, D]`` temporary per request.
 * :func:`ref_score_pages`, :func:`ref_select_pages` — the PyTorch reference (the spec).
 """
 
@@ -36,10 +40,11 @@ from ._common import (
     check_same_device,
     check_tensor,
     next_power_of_2,
-    resolve_impl,
+    resolve_impl_cpu,
 )
 
-__all__ = ["score_pages", "select_pages", "ref_score_pages", "ref_select_pages"]
+__all__ = ["score_pages", "select_pages", "cpu_score_pages", "ref_score_pages",
+           "ref_select_pages"]
 
 
 @triton.jit
@@ -200,7 +205,8 @@ def score_pages(
     num_kv_heads : int
         ``H``; ``num_qo_heads`` must be a multiple (``group_size = num_qo_heads // H``).
     impl : str, optional
-        ``"triton"`` | ``"ref"``; default by device (see ``_common.resolve_impl``).
+        ``"triton"`` | ``"cpu"`` | ``"ref"``; default ``"triton"`` where Triton runs (see
+        ``_common.use_triton``), else ``"cpu"`` (:func:`cpu_score_pages`).
     scale : float
         softmax temperature (> 0) applied to the raw bounds (see the module docstring).
 
@@ -217,7 +223,11 @@ def score_pages(
     """
     _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
     _check_scale(scale)
-    if resolve_impl(impl, q) == "ref":
+    path = resolve_impl_cpu(impl, q)
+    if path == "cpu":
+        return cpu_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads,
+                               scale)
+    if path == "ref":
         return ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads,
                                scale)
     bs, num_qo_heads, head_dim = q.shape
@@ -250,6 +260,56 @@ def score_pages(
     return out
 
 
+def cpu_score_pages(
+    q: torch.Tensor,
+    digests: torch.Tensor,
+    page_table: torch.Tensor,
+    cand_start: torch.Tensor,
+    cand_end: torch.Tensor,
+    num_kv_heads: int,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """:func:`score_pages` as batched PyTorch ops (the CPU serving path; any device works).
+
+    Same arguments and result. Assumes ``min <= max`` in every digest (``page_digest``
+    guarantees it): the Quest bound is then ``min(q, 0) . min + max(q, 0) . max``, one
+    matmul over the candidate window ``[min cand_start, max cand_end)`` of the batch.
+    One host read of that window (free on CPU, a sync on CUDA).
+    """
+    _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+    _check_scale(scale)
+    bs, num_qo_heads, head_dim = q.shape
+    max_pages = page_table.shape[1]
+    h, g = num_kv_heads, num_qo_heads // num_kv_heads
+    out = torch.full((bs, h, max_pages), float("-inf"), device=q.device)
+    if bs == 0 or max_pages == 0:
+        return out
+    # SYNC (free on CPU): the ranges as Python ints, clipped to [0, max_pages).
+    lo = [min(max(x, 0), max_pages) for x in cand_start.tolist()]
+    hi = [max(min(x, max_pages), a) for x, a in zip(cand_end.tolist(), lo)]
+    a, b = min(lo), max(hi)
+    if b <= a:
+        return out
+    w = b - a
+    pt = page_table[:, a:b]  # [bs, w] host page ids of the window
+    valid = pt >= 0  # [bs, w]
+    if any(x != a for x in lo) or any(x != b for x in hi):  # ragged: mask per request
+        j = torch.arange(a, b, device=q.device)
+        lo_t = torch.tensor(lo, device=q.device)[:, None]
+        hi_t = torch.tensor(hi, device=q.device)[:, None]
+        valid &= (j >= lo_t) & (j < hi_t)
+    dg = digests.index_select(0, pt.reshape(-1).clamp(min=0))  # [bs*w, H, 2, D] (min, max)
+    dg = dg.float().view(bs, w, h, 2 * head_dim).permute(0, 2, 3, 1)  # [bs, H, 2D, w]
+    qf = q.float().view(bs, h, g, head_dim) * scale  # [bs, H, G, D]
+    q2 = torch.cat([qf.clamp(max=0.0), qf.clamp(min=0.0)], dim=-1)  # [bs, H, G, 2D]
+    s = torch.matmul(q2, dg)  # [bs, H, G, w] scaled Quest bounds
+    keep = valid[:, None, None, :]
+    s.masked_fill_(~keep, float("-inf"))
+    probs = torch.softmax(s, dim=-1).mean(dim=2)  # [bs, H, w]; NaN where no candidate
+    out[:, :, a:b] = probs.masked_fill_(~keep[:, :, 0], float("-inf"))
+    return out
+
+
 def _top_k(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over the last dim of ``scores`` [bs, H, max_pages]; ``-inf`` entries -> -1."""
     bs, num_kv_heads, max_pages = scores.shape
@@ -276,7 +336,8 @@ def select_pages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``top_k`` logical pages per (request, KV head) by :func:`score_pages`.
 
-    Arguments as in :func:`score_pages` (``scale`` included), plus ``top_k`` (int >= 1).
+    Arguments as in :func:`score_pages` (``impl`` and ``scale`` included), plus ``top_k``
+    (int >= 1).
 
     Returns
     -------

@@ -35,14 +35,17 @@ def _loop_diff(sel, scores, res, mask, res_scores):
     return new_res, recalls
 
 
+@pytest.mark.parametrize("impl", ["vector", "lists"])
 @pytest.mark.parametrize("with_scores", [False, True])
-@pytest.mark.parametrize("seed", range(4))
-def test_residency_diff_matches_rule(seed: int, with_scores: bool) -> None:
+@pytest.mark.parametrize("seed", range(6))
+def test_residency_diff_matches_rule(seed: int, with_scores: bool, impl: str) -> None:
     gen = torch.Generator().manual_seed(seed)
     bs, h, k, pages = 5, 3, 6, 14
     sel = torch.stack([torch.stack([torch.randperm(pages, generator=gen)[:k]
                                     for _ in range(h)]) for _ in range(bs)]).to(torch.int32)
     scores = torch.rand(bs, h, k, generator=gen)
+    if seed % 2:
+        scores = (scores * 3).floor()  # ties: new pages keep selection order
     pad = torch.rand(bs, h, k, generator=gen) < 0.15
     sel[pad], scores[pad] = -1, float("-inf")
     res = torch.stack([torch.stack([torch.randperm(pages, generator=gen)[:k]
@@ -50,7 +53,9 @@ def test_residency_diff_matches_rule(seed: int, with_scores: bool) -> None:
     res[torch.rand(bs, h, k, generator=gen) < 0.2] = -1
     mask = torch.rand(bs, h, generator=gen) < 0.7
     res_scores = torch.rand(bs, h, k, generator=gen) if with_scores else None
-    rl, new_res = residency_diff(sel, scores, res, mask, res_scores)
+    if with_scores and seed % 2:
+        res_scores = (res_scores * 2).floor()  # ties: evictable slots keep slot order
+    rl, new_res = residency_diff(sel, scores, res, mask, res_scores, impl=impl)
     want_res, want = _loop_diff(sel, scores, res, mask, res_scores)
     assert new_res.dtype == torch.int32
     assert torch.equal(new_res, want_res)
@@ -58,7 +63,16 @@ def test_residency_diff_matches_rule(seed: int, with_scores: bool) -> None:
     got = list(zip(rl.batch[:n].tolist(), rl.head[:n].tolist(), rl.slot[:n].tolist(),
                    rl.page[:n].tolist()))
     assert sorted(got) == sorted(want)
-    assert rl.batch.numel() == bs * h * k  # padded, no host sync needed
+    if impl == "vector":
+        assert rl.batch.numel() == bs * h * k  # padded, no host sync needed
+    else:
+        assert rl.batch.numel() == n
+    other, other_res = residency_diff(sel, scores, res, mask, res_scores,
+                                      impl="lists" if impl == "vector" else "vector")
+    assert torch.equal(other_res, new_res)  # both paths: same slots, same recall order
+    m = int(other.count)
+    assert [t[:n].tolist() for t in (rl.batch, rl.head, rl.slot, rl.page)] == \
+        [t[:m].tolist() for t in (other.batch, other.head, other.slot, other.page)]
     # every selected page of a masked head is resident afterwards
     for b in range(bs):
         for x in range(h):
@@ -66,6 +80,18 @@ def test_residency_diff_matches_rule(seed: int, with_scores: bool) -> None:
                 assert {int(p) for p in sel[b, x] if p >= 0} <= set(new_res[b, x].tolist())
             else:
                 assert torch.equal(new_res[b, x], res[b, x])
+
+
+def test_residency_diff_routing_and_bad_impl() -> None:
+    sel = torch.tensor([[[3, 1]]], dtype=torch.int32)
+    scores = torch.tensor([[[0.6, 0.4]]])
+    res = torch.tensor([[[-1, 1]]], dtype=torch.int32)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    rl, new_res = residency_diff(sel, scores, res, mask)  # CPU, 1 row: list walk, unpadded
+    assert rl.batch.numel() == 1 and new_res.tolist() == [[[3, 1]]]
+    assert rl.slot.tolist() == [0] and rl.page.tolist() == [3]
+    with pytest.raises(ValueError, match="impl"):
+        residency_diff(sel, scores, res, mask, impl="fast")
 
 
 def test_select_batch_ragged_inactive_rows() -> None:

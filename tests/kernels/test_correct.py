@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import sglang_freekv.kernels.correct as correct_mod
-from sglang_freekv.kernels import correction_flags, ref_correction_flags
+from sglang_freekv.kernels import correction_flags, cpu_correction_flags, ref_correction_flags
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ATOL, RTOL = 1e-5, 1e-5
@@ -44,6 +44,21 @@ def test_correction_flags_match_ref(group_size: int, head_dim: int, dtype: str,
     assert bool(flags.any()) and bool((~flags).any())  # the data exercises both outcomes
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("head_dim", [7, 24, 64], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("group_size", [1, 3, 8], ids=lambda g: f"G{g}")
+def test_cpu_path_matches_ref(group_size: int, head_dim: int, dtype: str) -> None:
+    """The CPU serving path (fused cosine_similarity) vs the spec, zero vectors included."""
+    q, last_q = _make_queries(5, 3 * group_size, head_dim, DTYPES[dtype], torch.device("cpu"))
+    flags, sim = cpu_correction_flags(q, last_q, 3, TAU)
+    ref_flags, ref_sim = ref_correction_flags(q, last_q, 3, TAU)
+    assert flags.dtype == torch.bool and sim.dtype == torch.float32
+    torch.testing.assert_close(sim, ref_sim, atol=ATOL, rtol=RTOL)
+    assert torch.equal(flags, sim < TAU)
+    near = (ref_sim - TAU).abs() < 1e-4
+    assert torch.equal(flags[~near], ref_flags[~near])
+
+
 @pytest.mark.parametrize("group_size", [1, 4], ids=lambda g: f"G{g}")
 def test_ref_matches_cosine_similarity(group_size: int) -> None:
     q, last_q = _make_queries(3, 2 * group_size, 24, torch.float32, torch.device("cpu"))
@@ -60,7 +75,7 @@ def test_correction_edge_cases(device: torch.device) -> None:
     q = torch.randn(3, 4, 24, device=device)
     last_q = torch.stack([q[0], torch.zeros_like(q[1]), -3.0 * q[2]])
     q[1] = 0.0
-    for impl in ("triton", "ref"):
+    for impl in ("triton", "cpu", "ref"):
         flags, sim = correction_flags(q, last_q, 2, 0.0, impl=impl)
         torch.testing.assert_close(sim, torch.tensor([[1.0] * 2, [0.0] * 2, [-1.0] * 2],
                                                      device=device))
@@ -73,12 +88,13 @@ def test_correction_strided_inputs(device: torch.device) -> None:
     q = qkv[:, :8]  # [4, 8, 24], stride (288, 24, 1)
     buf = torch.randn(4, 8, 32, device=device)
     last_q = buf[:, :, :24]  # [4, 8, 24], stride (256, 32, 1)
-    out = correction_flags(q, last_q, 2, 0.1, impl="triton")
     ref = ref_correction_flags(q, last_q, 2, 0.1)
-    torch.testing.assert_close(out[1], ref[1], atol=ATOL, rtol=RTOL)
+    for impl in ("triton", "cpu"):
+        out = correction_flags(q, last_q, 2, 0.1, impl=impl)
+        torch.testing.assert_close(out[1], ref[1], atol=ATOL, rtol=RTOL)
 
 
-def test_correction_routes_cpu_to_ref(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_correction_routes_cpu_to_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
     q, last_q = _make_queries(2, 4, 24, torch.float32, torch.device("cpu"))
 
     class _Boom:
@@ -87,8 +103,10 @@ def test_correction_routes_cpu_to_ref(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(correct_mod, "_correction_kernel", _Boom())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    out, ref = correction_flags(q, last_q, 2, TAU), ref_correction_flags(q, last_q, 2, TAU)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    out, fast = correction_flags(q, last_q, 2, TAU), cpu_correction_flags(q, last_q, 2, TAU)
+    assert torch.equal(out[0], fast[0]) and torch.equal(out[1], fast[1])
+    ref = correction_flags(q, last_q, 2, TAU, impl="ref")
+    assert torch.equal(ref[1], ref_correction_flags(q, last_q, 2, TAU)[1])
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(AssertionError, match="launched"):
         correction_flags(q, last_q, 2, TAU)

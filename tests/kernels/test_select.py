@@ -11,6 +11,7 @@ import torch
 
 import sglang_freekv.kernels.select as select_mod
 from sglang_freekv.kernels import (
+    cpu_score_pages,
     ref_page_digest,
     ref_score_pages,
     ref_select_pages,
@@ -121,6 +122,36 @@ def test_score_and_select_match_ref(
         _assert_same_selection(idx, vals, ref, top_k)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("head_dim", [8, 24, 64], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("group_size", [1, 3, 4], ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("scale", [1.0, 0.125], ids=lambda s: f"s{s}")
+def test_cpu_path_matches_ref(scale: float, group_size: int, head_dim: int, dtype: str) -> None:
+    """The batched CPU serving path (one matmul over the candidate window) vs the spec."""
+    args = _make_batch(2, group_size, 16, head_dim, DTYPES[dtype], torch.device("cpu"))
+    out = cpu_score_pages(*args, 2, scale)
+    ref = ref_score_pages(*args, 2, scale)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))  # exact candidate masks
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    for top_k in (1, 9, MAX_PAGES + 3):
+        idx, vals = select_pages(*args, 2, top_k, impl="cpu", scale=scale)
+        _assert_same_selection(idx, vals, ref, top_k)
+
+
+def test_cpu_path_single_request_window() -> None:
+    """Windows that start past 0 and end before max_pages, one request, and a batch whose
+    candidate ranges do not overlap (the shared window has positions that are nobody's)."""
+    q, digests, page_table, _, _ = _make_batch(2, 3, 16, 24, torch.float32,
+                                               torch.device("cpu"))
+    for cs, ce in (([5], [9]), ([0], [1]), ([2, 9], [4, 12])):
+        n = len(cs)
+        args = (q[:n], digests, page_table[:n], torch.tensor(cs, dtype=torch.int32),
+                torch.tensor(ce, dtype=torch.int32))
+        torch.testing.assert_close(cpu_score_pages(*args, 2, 0.3), ref_score_pages(*args, 2, 0.3),
+                                   atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("group_size", [1, 3], ids=lambda g: f"G{g}")
 @pytest.mark.parametrize("scale", [1.0, 0.3], ids=lambda s: f"s{s}")
 def test_ref_matches_scalar_spec(group_size: int, scale: float) -> None:
@@ -171,7 +202,7 @@ def test_select_all_tied(device: torch.device) -> None:
     assert len(set(sel)) == 3 and all(1 <= j < 11 and j != 4 for j in sel)
 
 
-@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("impl", ["triton", "cpu", "ref"])
 def test_select_degenerate_shapes(impl: str, device: torch.device) -> None:
     """No logical pages at all (max_pages 0) and an empty batch."""
     q = torch.randn(2, 4, 24, device=device)
@@ -191,11 +222,13 @@ def test_score_strided_q(device: torch.device) -> None:
     _, digests, page_table, cs, ce = _make_batch(2, 3, 16, 24, torch.float32, device)
     qkv = torch.randn(4, 10, 24, device=device)
     q = qkv[:, :6]  # [4, 6, 24], stride (240, 24, 1)
-    torch.testing.assert_close(score_pages(q, digests, page_table, cs, ce, 2, impl="triton"),
-                               ref_score_pages(q, digests, page_table, cs, ce, 2))
+    ref = ref_score_pages(q, digests, page_table, cs, ce, 2)
+    for impl in ("triton", "cpu"):
+        torch.testing.assert_close(score_pages(q, digests, page_table, cs, ce, 2, impl=impl),
+                                   ref, atol=ATOL, rtol=RTOL)
 
 
-def test_score_routes_cpu_to_ref(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_score_routes_cpu_to_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
     args = _make_batch(2, 2, 16, 24, torch.float32, torch.device("cpu"))
 
     class _Boom:
@@ -204,9 +237,10 @@ def test_score_routes_cpu_to_ref(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(select_mod, "_raw_score_kernel", _Boom())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert torch.equal(score_pages(*args, 2), ref_score_pages(*args, 2))
-    idx, _ = select_pages(*args, 2, 3)
-    assert torch.equal(idx, ref_select_pages(*args, 2, 3)[0])
+    assert torch.equal(score_pages(*args, 2), cpu_score_pages(*args, 2))
+    assert torch.equal(score_pages(*args, 2, impl="ref"), ref_score_pages(*args, 2))
+    idx, vals = select_pages(*args, 2, 3)
+    _assert_same_selection(idx, vals, ref_score_pages(*args, 2), 3)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(AssertionError, match="launched"):
         score_pages(*args, 2)
