@@ -4,8 +4,9 @@ FreeKV's per-layer work (correction flags, page selection, residency diff, recal
 is a string of small tensor ops. On a CPU engine torch runs each on an OpenMP team sized for
 the model's matmuls; for ops this small the team costs more than it saves, and while the
 recall worker thread holds one core, every team of the main thread waits on its slowest
-member (2-core machine, 6.5K context: an index_select of the digests 17 us with one thread,
-30 us with two; decode 2.9 -> 4.5 tok/s once the worker ran on one thread).
+member (2-core machine, another thread busy: gathering one layer's digests for a 6.5K-token
+request takes 17 us with one thread and 30 us with two; the scoring matmul 34 us and 55 us).
+The end-to-end effect on decode speed was within this machine's noise and is not claimed.
 
 :func:`single_intra_op_thread` runs a block with one intra-op thread and puts the caller's
 count back; :func:`pin_worker_threads` gives the recall worker threads one thread each.
