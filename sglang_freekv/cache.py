@@ -267,7 +267,7 @@ class FreeKVCache:
         """Wait the layer's speculative job, then correct flagged heads synchronously.
 
         ``q``: ``[bs, Hq, D]`` model dtype, post-RoPE query of this step. Host syncs: the
-        job Future, and one D2H of the flag counts when ``tau`` is set.
+        job Future, and one D2H of the ``[bs, H]`` correction flags when ``tau`` is set.
         """
         if not self._is_sparse[layer]:
             return
@@ -302,7 +302,10 @@ class FreeKVCache:
             rows_flag = [[sp] * h for sp in plan.sparse_list]
         n_flag = sum(map(sum, rows_flag))
         buf = self._flags_buf[:bs]
-        buf.copy_(torch.tensor(rows_flag, dtype=torch.bool).view(bs, h))  # H2D on GPUs
+        # REUSE: the shared flags buffer was last read by the previous layer's head_mask
+        # snapshot, enqueued on this same stream before this copy (stream order). On GPUs this
+        # is a pageable H2D, as the old `.to(device)` of the host flags was.
+        buf.copy_(torch.tensor(rows_flag, dtype=torch.bool).view(bs, h))
         step = _LayerStep(flags=buf)
         self._steps[layer] = step
         with self._lock:
