@@ -32,6 +32,7 @@ from sglang_freekv.plan import FreeKVDecodePlan, build_plan
 from sglang_freekv.pool_host import FreeKVHostPool
 from sglang_freekv.recall import FreeKVRecallEngine
 from sglang_freekv.retrieval import select_batch
+from sglang_freekv.step_job import StepJobInputs, run_step_job
 from sglang_freekv.threads import single_intra_op_thread
 
 __all__ = ["FreeKVCache", "FreeKVDecodePlan"]
@@ -88,6 +89,12 @@ class FreeKVCache:
             pin_memory = self.device.type == "cuda"
         # CPU engine: the per-layer hooks run with one intra-op thread (sglang_freekv.threads)
         self._host_ops = self.device.type == "cpu"
+        # one speculative job per step for all sparse layers (sglang_freekv.step_job) or one
+        # per layer; the per-step job relies on CPU program order (attention done on submit)
+        self._step_job = config.speculative_job_for(self.device.type) == "step"
+        if self._step_job and self.device.type != "cpu":
+            raise ValueError(f'speculative_job="step" is implemented for CPU engines only '
+                             f"(KV device {self.device})")
         self.host = FreeKVHostPool(num_layers, num_host_pages, num_kv_heads, config.page_size,
                                    head_dim, dtype, pin_memory)
         self.recall = FreeKVRecallEngine(self.host, k_buffers, v_buffers, device=self.device,
@@ -108,6 +115,7 @@ class FreeKVCache:
                                       device=dev)  # shared per-step flags (snapshot per job)
         # fmt: on
         self._jobs: dict[int, Future[Any]] = {}
+        self._step_fences: list[Any] = []  # this step's attn_done fences (step job, CPU)
         self._steps: dict[int, _LayerStep] = {}
         self._lock = threading.Lock()
         self._stats = {"recall_bytes": 0, "recalled_pages": 0, "checked_heads": 0,
@@ -384,6 +392,14 @@ class FreeKVCache:
         for r, n, nxt in zip(plan.rows_list, plan.seq_lens_list, plan.next_sparse_list):
             if nxt:
                 served[r] = n + 1
+        if self._step_job:
+            if attn_done is not None and "no_attn_done" not in unsafe:
+                self._step_fences.append(attn_done)
+            if layer == self.sparse_layers[-1]:
+                fences, self._step_fences = self._step_fences, []
+                self._submit_step_job(
+                    StepJobInputs(rows_j, page_table, slot_loc, cand_start, cand_end, fences))
+            return
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -429,6 +445,22 @@ class FreeKVCache:
 
         self._wait_job(layer)  # SYNC: normally a no-op; one job per layer in flight
         self._jobs[layer] = self.recall.submit(job)
+
+    # ------------------------------------------------------------------ jobs
+    def _submit_step_job(self, inp: StepJobInputs) -> None:
+        """One job for every sparse layer, after the step's last sparse attention (CPU).
+
+        Every layer's ``before_attention`` of the next step waits the same Future. Safe:
+        attention of every layer of this step has run, or the job waits its ``attn_done``
+        fence before any scatter (race 5); ``last_q`` of every layer is written (race 6); the
+        job reads no shared flags (race 9); one ordered worker (race 8).
+        """
+        layers = list(self.sparse_layers)
+        for layer in layers:
+            self._wait_job(layer)  # SYNC: normally a no-op; one job in flight
+        fut = self.recall.submit(lambda: run_step_job(self, layers, inp))
+        for layer in layers:
+            self._jobs[layer] = fut
 
     # ------------------------------------------------------------------ internals
     def _forget_jobs(self, req_row: int) -> None:

@@ -38,6 +38,9 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         _fail(name, value, f"must be >= {minimum}")
 
 
+SPECULATIVE_JOBS = ("auto", "layer", "step")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FreeKVConfig:
     """FreeKV settings (JSON keys of ``--freekv-config`` are the field names).
@@ -51,6 +54,11 @@ class FreeKVConfig:
     window: int = 512  # most recent tokens always resident, counting the current partial page
     tau: float | None = 0.8  # correction when group-mean cos(q_t, q_{t-1}) < tau; None = off
     speculative: bool = True  # False = select with q_t and recall before attention (baseline)
+    # Granularity of the speculative job: "layer" = one job per layer, submitted right after
+    # its attention (overlaps the next layers; GPUs); "step" = one job for all sparse layers,
+    # submitted after the last one (a CPU engine pays per tensor op, not per byte); "auto" =
+    # "step" on CPU devices, "layer" elsewhere.
+    speculative_job: str = "auto"
     # Temperature of the per-head page softmax: scores are multiplied by it before the softmax.
     # None = the attention scale 1/sqrt(head_dim); 1.0 = the public reference's raw avgSM.
     score_scale: float | None = None
@@ -82,6 +90,9 @@ class FreeKVConfig:
                 _fail("tau", self.tau, "must be in [-1, 1] or null")
         if not isinstance(self.speculative, bool):
             _fail("speculative", self.speculative, "must be true or false")
+        if self.speculative_job not in SPECULATIVE_JOBS:
+            _fail("speculative_job", self.speculative_job,
+                  "must be one of " + ", ".join(map(repr, SPECULATIVE_JOBS)))
         if self.score_scale is not None:
             value = self.score_scale
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -123,6 +134,13 @@ class FreeKVConfig:
     def score_scale_for(self, head_dim: int) -> float:
         """The page-softmax temperature for ``head_dim`` (``score_scale`` or 1/sqrt(D))."""
         return float(self.score_scale) if self.score_scale is not None else head_dim**-0.5
+
+    def speculative_job_for(self, device_type: str) -> str:
+        """``"layer"`` or ``"step"``: ``speculative_job`` with ``"auto"`` resolved for a
+        device type (``"cpu"``, ``"cuda"``, ...)."""
+        if self.speculative_job != "auto":
+            return self.speculative_job
+        return "step" if device_type == "cpu" else "layer"
 
     @property
     def correction(self) -> bool:

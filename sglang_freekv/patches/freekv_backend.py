@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sglang_freekv.attention import sdpa_decode
 from sglang_freekv.patches import freekv_metrics
 from sglang_freekv.patches.freekv_pool import ACTIVE
 
@@ -68,6 +69,7 @@ def create_backend(runner: Any) -> Any:
             self.staged: dict[int, torch.Tensor] = {}  # req row -> staging rows
             self.plan: Any = None
             self.table: torch.Tensor | None = None  # [bs, max_kv_len] budget rows
+            self.table_lens: list[int] = []  # rows of each table row (CPU path)
             self.ext_table: torch.Tensor | None = None  # [bs, max_seq] translated rows
             self.last_layer = pool.start_layer + pool.layer_num - 1
             self.metrics = freekv_metrics.FreeKVMetrics.create(get_parallel().tp_rank)
@@ -245,6 +247,7 @@ def create_backend(runner: Any) -> Any:
             # where the Triton kernel reads the ragged lists directly).
             self.table = (None if self.plan.kv_indices.is_cuda
                           else _padded_table(self.plan.kv_indptr, self.plan.kv_indices))
+            self.table_lens = [] if self.table is None else self.plan.kv_lens.tolist()
             # This step's token: its host slot (the page was opened by plan_decode).
             p = self.cache.g.page_size
             pos = lens_cpu - 1
@@ -311,13 +314,8 @@ def create_backend(runner: Any) -> Any:
 
                 o = triton_decode(q3, kb, vb, plan.kv_indptr, plan.kv_indices, plan.kv_lens,
                                   layer.scaling)
-            else:
-                o = torch.empty_like(q3)
-                self._run_sdpa_forward_decode(
-                    q3, o, kb, vb, self.table, torch.arange(plan.bs), plan.kv_lens,
-                    None, scaling=layer.scaling, enable_gqa=hq != layer.tp_k_head_num,
-                    causal=False,
-                )
+            else:  # CPU: SDPA per request, as torch_native, with a row-wise gather
+                o = sdpa_decode(q3, kb, vb, self.table, self.table_lens, layer.scaling)
             cache.after_attention(local, plan, q3)
             return o.reshape(-1, hq * layer.v_head_dim)
 

@@ -155,6 +155,13 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
         raise FreeKVConfigError(
             f"freekv-config: --attention-backend={backend}: --kv-policy freekv brings its own "
             "attention backend; drop the flag")
+    if config.speculative_job == "step":
+        from sglang_freekv.platform import cpu_platform_wanted
+
+        if not cpu_platform_wanted():
+            raise FreeKVConfigError(
+                'freekv-config: speculative_job="step": is implemented for CPU engines only; '
+                'use "auto" or "layer" on GPUs')
     args.attention_backend = "freekv"
     args.disable_overlap_schedule = True
     args.disable_cuda_graph = True

@@ -22,10 +22,12 @@ def _cpu_refs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make_cfg(page_size: int, *, k: int = 3, sink: int = 1, window: int = 2,
              tau: float | None = 0.8, speculative: bool = True,
-             dense_layers: tuple[int, ...] = (0,)) -> FreeKVConfig:
+             dense_layers: tuple[int, ...] = (0,),
+             speculative_job: str = "auto") -> FreeKVConfig:
     return FreeKVConfig(page_size=page_size, budget=page_size * (sink + k + window),
                         sink=page_size * sink, window=page_size * window, tau=tau,
-                        speculative=speculative, dense_layers=dense_layers)
+                        speculative=speculative, dense_layers=dense_layers,
+                        speculative_job=speculative_job)
 
 
 def check_slots(dec: ReferenceDecoder, layer: int, rows: list[int]) -> int:

@@ -4,6 +4,8 @@ Each test runs a speculative decode with the CPU worker's debug hooks widening t
 window, and checks the selection rule (b) / slot content (c) or the attention output.
 It passes with the protection and is shown to FAIL with the protection removed
 (``cache.debug_unsafe`` / ``debug_set_workers``), so removing a protection breaks it.
+The per-layer job (the GPU design) is tested for every race; the per-step job (the CPU
+default) for the races it has: 5 (attention fences), 6 (persistent q) and 7 (the Future).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from sglang_freekv.reference import ReferenceDecoder
 from .conftest import RuleChecker, make_cfg
 
 
-def _decoder(tau: float | None = None, **kw: object) -> ReferenceDecoder:
-    cfg = make_cfg(16, k=3, tau=tau)
+def _decoder(tau: float | None = None, job: str = "layer", **kw: object) -> ReferenceDecoder:
+    cfg = make_cfg(16, k=3, tau=tau, speculative_job=job)
     return ReferenceDecoder(cfg, num_layers=3, num_qo_heads=4, num_kv_heads=2, max_len=400,
                             recall_group_blocks=2, seed=7, **kw)  # type: ignore[arg-type]
 
@@ -54,10 +56,11 @@ def _run(dec: ReferenceDecoder, steps: int, *, late: float | None = None,
     assert dec.cache.host.used_pages == 0
 
 
+@pytest.mark.parametrize("job", ["layer", "step"])
 @pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
-def test_race5_scatter_waits_attention(unsafe: bool) -> None:
+def test_race5_scatter_waits_attention(unsafe: bool, job: str) -> None:
     """(5) The speculative scatter must not overwrite slots a running attention reads."""
-    dec = _decoder()
+    dec = _decoder(job=job)
     if unsafe:
         dec.cache.debug_unsafe.add("no_attn_done")
     if unsafe:
@@ -67,10 +70,12 @@ def test_race5_scatter_waits_attention(unsafe: bool) -> None:
         _run(dec, 8, late=0.03, check=False)
 
 
-@pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
-def test_race6_selection_reads_persistent_q(unsafe: bool) -> None:
-    """(6) The job selects with the persistent last_q, not the engine's reused q buffer."""
-    dec = _decoder(reuse_q_buffer=True)
+@pytest.mark.parametrize("unsafe,job", [(False, "layer"), (True, "layer"), (False, "step")],
+                         ids=["protected-layer", "unprotected-layer", "protected-step"])
+def test_race6_selection_reads_persistent_q(unsafe: bool, job: str) -> None:
+    """(6) The job selects with the persistent last_q, not the engine's reused q buffer
+    (the step job has no unsafe mode: it only ever reads last_q)."""
+    dec = _decoder(reuse_q_buffer=True, job=job)
     dec.cache.recall.debug_hook = _worker_sleep("job_start", 0.02)
     if unsafe:
         dec.cache.debug_unsafe.add("shared_q")
@@ -80,10 +85,11 @@ def test_race6_selection_reads_persistent_q(unsafe: bool) -> None:
         _run(dec, 10)
 
 
+@pytest.mark.parametrize("job", ["layer", "step"])
 @pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
-def test_race7_wait_job_future_before_event(unsafe: bool) -> None:
+def test_race7_wait_job_future_before_event(unsafe: bool, job: str) -> None:
     """(7) before_attention waits the job (Future, then event): no stale slots attended."""
-    dec = _decoder()
+    dec = _decoder(job=job)
     dec.cache.recall.debug_hook = _worker_sleep("job_start", 0.03)
     if unsafe:
         dec.cache.debug_unsafe.add("no_wait_future")

@@ -1,0 +1,103 @@
+"""The per-step speculative job (``speculative_job="step"``) against the per-layer one.
+
+Both select with the same ``last_q`` and digests, so on the same seeded schedule they must
+give the same residency, the same slot contents, the same attention outputs and the same
+counters, step after step, through requests joining, sitting out and leaving.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_freekv.cache import FreeKVCache
+from sglang_freekv.config import FreeKVConfig, FreeKVConfigError
+from sglang_freekv.reference import ReferenceDecoder
+
+from .conftest import RuleChecker, make_cfg
+
+
+def _pair(tau: float | None, hq: int, h: int, page_size: int,
+          q_noise: tuple[float, ...]) -> tuple[ReferenceDecoder, ReferenceDecoder]:
+    decs = []
+    for job in ("layer", "step"):
+        cfg = make_cfg(page_size, k=3, tau=tau, speculative_job=job)
+        decs.append(ReferenceDecoder(cfg, num_layers=4, num_qo_heads=hq, num_kv_heads=h,
+                                     max_len=20 * page_size, recall_group_blocks=4,
+                                     seed=page_size + hq, q_noise=q_noise))
+    return decs[0], decs[1]
+
+
+@pytest.mark.parametrize("tau,q_noise", [(0.8, (0.5,)), (None, (0.2, 0.5, 1.0))],
+                         ids=["tau0.8", "no-correction"])
+@pytest.mark.parametrize("hq,h", [(2, 2), (6, 2), (3, 1)])
+def test_step_job_matches_layer_jobs(tau: float | None, q_noise: tuple[float, ...],
+                                     hq: int, h: int) -> None:
+    p = 16
+    lay, stp = _pair(tau, hq, h, p, q_noise)
+    assert not lay.cache._step_job and stp.cache._step_job
+    checker = RuleChecker(stp)
+    # dense throughout, dense -> sparse, sparse from the start
+    lens = [30, p * 5 + 3, p * 11]
+    rows = {id(d): [d.add_request(n) for n in lens] for d in (lay, stp)}
+    for s in range(p + 8):
+        for d in (lay, stp):
+            if s == 4:
+                rows[id(d)].append(d.add_request(p * 9 + 1))
+            if s == 9:
+                d.remove_request(rows[id(d)].pop(1))
+        outs = [d.step(rows[id(d)][1:] if s == 6 else rows[id(d)],
+                       on_layer=checker if d is stp else None) for d in (lay, stp)]
+        for layer, (a, b) in enumerate(zip(outs[0].outputs, outs[1].outputs)):
+            assert torch.equal(a, b), f"step {s} layer {layer}: outputs differ"
+        for d in (lay, stp):
+            d.cache.recall.wait_all()
+        assert torch.equal(lay.cache.residency, stp.cache.residency), f"step {s}"
+        for kl, ks in zip(lay.k_buffers, stp.k_buffers):
+            assert torch.equal(kl, ks), f"step {s}: slot contents differ"
+    a, b = lay.cache.stats(), stp.cache.stats()
+    assert a == b
+    assert a["recalled_pages"] > 0 and checker.sparse_checks > 20
+    if tau is not None:
+        assert 0 < a["corrected_heads"] < a["checked_heads"]
+    for d in (lay, stp):
+        for r in rows[id(d)]:
+            d.remove_request(r)
+        assert d.cache.host.used_pages == 0
+        d.cache.close()
+
+
+def test_step_job_is_one_future_per_step() -> None:
+    """All sparse layers wait the same job; a step submits exactly one."""
+    dec = ReferenceDecoder(make_cfg(16, k=3, tau=None), num_layers=4, num_qo_heads=4,
+                           num_kv_heads=2, max_len=320)
+    rows = [dec.add_request(16 * 9), dec.add_request(16 * 12 + 5)]
+    submitted = []
+    orig = dec.cache.recall.submit
+
+    def count(fn):  # type: ignore[no-untyped-def]
+        submitted.append(fn)
+        return orig(fn)
+
+    dec.cache.recall.submit = count  # type: ignore[method-assign]
+    for _ in range(3):
+        dec.step(rows)
+    assert len(submitted) == 3
+    assert len({id(f) for f in dec.cache._jobs.values()}) == 1
+    assert set(dec.cache._jobs) == set(dec.cache.sparse_layers)
+    for r in rows:
+        dec.remove_request(r)
+    assert not dec.cache._jobs and dec.cache.host.used_pages == 0
+
+
+def test_speculative_job_config() -> None:
+    assert FreeKVConfig().speculative_job_for("cpu") == "step"
+    assert FreeKVConfig().speculative_job_for("cuda") == "layer"
+    assert FreeKVConfig(speculative_job="layer").speculative_job_for("cpu") == "layer"
+    with pytest.raises(FreeKVConfigError, match=r'speculative_job="batch": must be one of'):
+        FreeKVConfig(speculative_job="batch")
+    cfg = make_cfg(16, speculative_job="step")
+    with pytest.raises(ValueError, match="CPU engines only"):
+        FreeKVCache(cfg, num_layers=2, num_qo_heads=4, num_kv_heads=2, head_dim=16,
+                    dtype=torch.float32, device="cuda", max_reqs=1, max_pages_per_req=4,
+                    num_host_pages=4, k_buffers=[], v_buffers=[])
