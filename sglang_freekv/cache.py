@@ -252,6 +252,7 @@ class FreeKVCache:
         rows_c = (req_rows_cpu if req_rows_cpu is not None else req_rows).to("cpu", torch.int64)
         n_c = (seq_lens_cpu if seq_lens_cpu is not None else seq_lens).to("cpu", torch.int64)
         self.t.open_pages(self.host, rows_c, n_c)
+        self._step_fences = []  # a step cut short before its last layer leaves none behind
         return build_plan(self.g, rows_c, n_c, self.t.slot_loc_cpu, self.t.host_pages_cpu,
                           self.t.host_pages, req_rows.to(self.device, torch.int64),
                           seq_lens.to(self.device, torch.int64), self.device)
@@ -357,6 +358,14 @@ class FreeKVCache:
             return
         unsafe = self.debug_unsafe
         self.last_q[layer].index_copy_(0, plan.req_rows, q.to(self.dtype))  # persistent
+        served = self.spec_valid_for[layer]
+        for r, n, nxt in zip(plan.rows_list, plan.seq_lens_list, plan.next_sparse_list):
+            if nxt:
+                served[r] = n + 1
+        if self._step_job:
+            self._steps.pop(layer, None)
+            self._queue_step_job(layer, plan, attn_done)
+            return
         if all(plan.next_sparse_list):  # usual case: the job covers the whole batch
             jr: torch.Tensor | None = None
 
@@ -388,18 +397,6 @@ class FreeKVCache:
         # may read them without copies.
         page_table, slot_loc = pick(plan.page_table), pick(plan.slot_loc)
         cand_start, cand_end = pick(plan.cand_start), pick(plan.next_cand_end)
-        served = self.spec_valid_for[layer]
-        for r, n, nxt in zip(plan.rows_list, plan.seq_lens_list, plan.next_sparse_list):
-            if nxt:
-                served[r] = n + 1
-        if self._step_job:
-            if attn_done is not None and "no_attn_done" not in unsafe:
-                self._step_fences.append(attn_done)
-            if layer == self.sparse_layers[-1]:
-                fences, self._step_fences = self._step_fences, []
-                self._submit_step_job(
-                    StepJobInputs(rows_j, page_table, slot_loc, cand_start, cand_end, fences))
-            return
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -447,20 +444,32 @@ class FreeKVCache:
         self._jobs[layer] = self.recall.submit(job)
 
     # ------------------------------------------------------------------ jobs
-    def _submit_step_job(self, inp: StepJobInputs) -> None:
-        """One job for every sparse layer, after the step's last sparse attention (CPU).
+    def _queue_step_job(self, layer: int, plan: FreeKVDecodePlan, attn_done: Any) -> None:
+        """Step job mode: keep the layer's fence; after the last sparse layer, submit one
+        job for every sparse layer over the rows sparse at seq_len + 1.
 
         Every layer's ``before_attention`` of the next step waits the same Future. Safe:
         attention of every layer of this step has run, or the job waits its ``attn_done``
         fence before any scatter (race 5); ``last_q`` of every layer is written (race 6); the
         job reads no shared flags (race 9); one ordered worker (race 8).
         """
+        if attn_done is not None and "no_attn_done" not in self.debug_unsafe:
+            self._step_fences.append(attn_done)
+        if layer != self.sparse_layers[-1]:
+            return
+        fences, self._step_fences = self._step_fences, []
+        cols = (plan.req_rows, plan.page_table, plan.slot_loc, plan.cand_start,
+                plan.next_cand_end)
+        if not all(plan.next_sparse_list):  # [bj] batch positions sparse at seq_len + 1
+            jr = torch.nonzero(plan.next_sparse_cpu).flatten().to(self.device)
+            cols = tuple(t[jr] for t in cols)
         layers = list(self.sparse_layers)
-        for layer in layers:
-            self._wait_job(layer)  # SYNC: normally a no-op; one job in flight
+        for lid in layers:
+            self._wait_job(lid)  # SYNC: normally a no-op; one job in flight
+        inp = StepJobInputs(*cols, fences=fences)
         fut = self.recall.submit(lambda: run_step_job(self, layers, inp))
-        for layer in layers:
-            self._jobs[layer] = fut
+        for lid in layers:
+            self._jobs[lid] = fut
 
     # ------------------------------------------------------------------ internals
     def _forget_jobs(self, req_row: int) -> None:

@@ -92,7 +92,7 @@ class FreeKVConfig:
             _fail("speculative", self.speculative, "must be true or false")
         if self.speculative_job not in SPECULATIVE_JOBS:
             _fail("speculative_job", self.speculative_job,
-                  "must be one of " + ", ".join(map(repr, SPECULATIVE_JOBS)))
+                  "must be one of " + ", ".join(map(json.dumps, SPECULATIVE_JOBS)))
         if self.score_scale is not None:
             value = self.score_scale
             if isinstance(value, bool) or not isinstance(value, (int, float)):

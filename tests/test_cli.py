@@ -36,6 +36,7 @@ BAD = [
     ('{"tau": 2}', "tau=2", "in [-1, 1]"),
     ('{"dense_layers": [0, 30]}', "dense_layers=[0, 30]", "out of range"),
     ('{"speed": 1}', "speed=1", "unknown key"),
+    ('{"speculative_job": "batch"}', 'speculative_job="batch"', 'must be one of "auto"'),
 ]
 
 
@@ -123,3 +124,23 @@ def test_default_policy_leaves_record_untouched() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "default None None"
+
+
+def test_step_job_is_refused_off_the_cpu_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`speculative_job: "step"` relies on CPU program order: refused where the CPU platform
+    does not run (a GPU), accepted where it does."""
+    import argparse
+
+    from sglang_freekv import platform
+    from sglang_freekv.config import FreeKVConfig, FreeKVConfigError
+    from sglang_freekv.patches.server_args import apply_freekv_args
+
+    cfg = FreeKVConfig(speculative_job="step")
+    monkeypatch.setattr(platform, "cpu_platform_wanted", lambda: False)
+    with pytest.raises(FreeKVConfigError, match='speculative_job="step": is implemented for '
+                                                 "CPU engines only"):
+        apply_freekv_args(argparse.Namespace(), cfg)
+    monkeypatch.setattr(platform, "cpu_platform_wanted", lambda: True)
+    args = argparse.Namespace()
+    apply_freekv_args(args, cfg)
+    assert args.attention_backend == "freekv"
