@@ -9,6 +9,8 @@ model's tokenizer), the embedded model (SmolLM2-135M-Instruct). Configurations:
 ``freekv_sync``     the same with ``"speculative": false`` (select + recall before attention)
 ``default_short``   default at ``--short-context`` tokens (shorter than the budget)
 ``freekv_short``    freekv at ``--short-context`` tokens
+``freekv_layer``    opt-in (``--configs``): freekv with ``"speculative_job": "layer"`` (one
+                    speculative job per layer instead of the CPU default, one per step)
 ==================  =========================================================================
 
 One server per policy (the short-context run reuses its policy's server); only one server runs
@@ -56,8 +58,10 @@ CONFIGS = {
     "freekv_sync": ("freekv_sync", "long"),
     "default_short": ("default", "short"),
     "freekv_short": ("freekv", "short"),
+    "freekv_layer": ("freekv_layer", "long"),
 }
-SERVER_ORDER = ("default", "freekv", "freekv_sync")
+DEFAULT_CONFIGS = ("default", "freekv", "freekv_sync", "default_short", "freekv_short")
+SERVER_ORDER = ("default", "freekv", "freekv_sync", "freekv_layer")
 
 
 def server_args(key: str, model: str, dtype: str, tp: int) -> list[str]:
@@ -67,6 +71,8 @@ def server_args(key: str, model: str, dtype: str, tp: int) -> list[str]:
     cfg = dict(BUDGET_CFG)
     if key == "freekv_sync":
         cfg["speculative"] = False
+    if key == "freekv_layer":
+        cfg["speculative_job"] = "layer"
     return args + ["--kv-policy", "freekv", "--freekv-config", json.dumps(cfg)]
 
 
@@ -142,6 +148,8 @@ def checks(rows: dict) -> list[dict]:
     for name, num, den, bar, target in (
         ("freekv / default (long context)", "freekv", "default", 1.3, 1.6),
         ("freekv / freekv_sync (speculative >= synchronous)", "freekv", "freekv_sync", 1.0, None),
+        ("freekv / freekv_layer (step job vs per-layer jobs, CPU)", "freekv", "freekv_layer",
+         1.0, None),
         ("freekv_short / default_short (within 5%)", "freekv_short", "default_short", 0.95, None),
     ):
         a, b = tps(num), tps(den)
@@ -162,7 +170,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="measured requests per config")
     ap.add_argument("--quick", action="store_true",
                     help="smaller run: context 3000, 24 new tokens, 1 repeat")
-    ap.add_argument("--configs", default=",".join(CONFIGS),
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                     help=f"comma-separated subset of {','.join(CONFIGS)}")
     ap.add_argument("--dtype", default="float32",
                     help="model dtype (float32 is faster than bf16 on CPUs without bf16)")
