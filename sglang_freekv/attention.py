@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from sglang_freekv.kernels._common import wide_int_view
+
 __all__ = ["gather_rows", "ref_decode_attention", "sdpa_decode"]
 
 
@@ -64,16 +66,12 @@ def ref_decode_attention(
 def gather_rows(buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``buf[rows]`` for a contiguous ``buf`` ``[N, ...]`` and ``rows`` ``[n]`` int64 (same
     device): a new contiguous ``[n, ...]`` tensor, gathered as whole rows of the widest integer
-    type dividing a row (bit-identical; any dtype)."""
+    type dividing a row (``wide_int_view``; bit-identical, any dtype)."""
     if not buf.is_contiguous() or buf.dim() == 0:
         return buf[rows]
-    flat = buf.view(buf.shape[0], -1)
-    row_bytes = flat.shape[1] * flat.element_size()
-    for dt in (torch.int64, torch.int32):
-        if row_bytes % dt.itemsize == 0 and flat.element_size() <= dt.itemsize:
-            wide = flat.view(dt).index_select(0, rows)  # [n, row_bytes / itemsize]
-            return wide.view(buf.dtype).view(rows.shape[0], *buf.shape[1:])
-    return buf.index_select(0, rows)
+    flat = buf.view(buf.shape[0], -1)  # [N, row elements]
+    wide = wide_int_view(flat).index_select(0, rows)  # [n, row bytes / itemsize]
+    return wide.view(buf.dtype).view(rows.shape[0], *buf.shape[1:])
 
 
 def sdpa_decode(

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from sglang_freekv.kernels._common import wide_int_view
 from sglang_freekv.pool_host import FreeKVHostPool
 from sglang_freekv.threads import pin_worker_threads
 
@@ -186,7 +187,7 @@ class FreeKVRecallEngine:
         n = int(host_ids.numel())
         h = self.pool.num_kv_heads
         # [num_pages * H, 2*P*D] HND blocks as wide integer rows (fast CPU gather)
-        src = _wide(self.pool.kv[layer].view(self.pool.num_pages * h, -1))
+        src = wide_int_view(self.pool.kv[layer].view(self.pool.num_pages * h, -1))
         hc = heads if heads_cpu is None else heads_cpu
         flat = host_ids.to("cpu", torch.int64) * h + hc.to("cpu", torch.int64)  # [n] block ids
         kbuf, vbuf = self.k_buffers[layer], self.v_buffers[layer]
@@ -194,7 +195,8 @@ class FreeKVRecallEngine:
             for g, a in enumerate(range(0, n, st.cap)):
                 m = min(st.cap, n - a)
                 buf = st.device_bufs[g % self.num_staging][:m]  # [m, 2, P, D]
-                torch.index_select(src, 0, flat[a : a + m], out=_wide(buf.view(m, -1)))
+                out = wide_int_view(buf.view(m, -1))
+                torch.index_select(src, 0, flat[a : a + m], out=out)
                 self._debug("gathered")
                 if before_scatter is not None:
                     before_scatter.wait()  # SYNC: the slots' previous readers are done (5)
@@ -239,7 +241,8 @@ class FreeKVRecallEngine:
             # SYNC: host-side wait on that copy (the other buffer keeps the DMA engine busy).
             st.h2d_done[b].synchronize()
             host = st.host_bufs[b][:m]
-            torch.index_select(src, 0, flat[a : a + m], out=_wide(host.view(m, -1)))  # gather
+            out = wide_int_view(host.view(m, -1))
+            torch.index_select(src, 0, flat[a : a + m], out=out)  # gather
             self._debug("gathered")
             with torch.cuda.stream(st.streams[b]):
                 # REUSE: device buffer b was last read by the scatter of group g - 2 on this
@@ -258,16 +261,6 @@ class FreeKVRecallEngine:
         return end
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """Bit-identical view of a row-major 2-D tensor with the widest integer element that
-    divides a row: CPU index_select/index_put are ~15x faster on int64 than on bf16 rows."""
-    row_bytes = t.shape[-1] * t.element_size()
-    for dt in (torch.int64, torch.int32, torch.int16):
-        if row_bytes % dt.itemsize == 0 and t.element_size() <= dt.itemsize:
-            return t.view(dt)
-    return t
-
-
 def _scatter(staging: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,
              dst_loc: torch.Tensor, heads: torch.Tensor) -> None:
     """``recall_scatter`` semantics; on CPU an ``index_copy_`` over flattened (row, head)
@@ -279,7 +272,7 @@ def _scatter(staging: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,
         flat = rows * h + heads.to(torch.int64)[:, None]  # [n, P] (row, head) vector ids
         for i, buf in enumerate((kbuf, vbuf)):
             # [n, P, D] strided source, no copy: the index keeps the [n, P] shape
-            _wide(buf.view(-1, d)).index_put_((flat,), _wide(staging[:, i]))
+            wide_int_view(buf.view(-1, d)).index_put_((flat,), wide_int_view(staging[:, i]))
         return
     from sglang_freekv.kernels.scatter import recall_scatter
 

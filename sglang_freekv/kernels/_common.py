@@ -23,6 +23,7 @@ __all__ = [
     "use_triton",
     "resolve_impl",
     "resolve_impl_cpu",
+    "wide_int_view",
 ]
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
@@ -133,3 +134,14 @@ def resolve_impl_cpu(impl: str | None, t: torch.Tensor) -> str:
         return "cpu"
     path = resolve_impl(impl, t)
     return "cpu" if impl is None and path == "ref" else path
+
+
+def wide_int_view(t: torch.Tensor) -> torch.Tensor:
+    """Bit-identical view of ``t`` (last dim contiguous) with the widest integer element that
+    divides its last dim in bytes (``t`` itself if none does): CPU index_select / index_put /
+    index_copy move whole rows ~3-15x faster as int64 than as float or bf16 elements."""
+    row_bytes = t.shape[-1] * t.element_size()
+    for dt in (torch.int64, torch.int32, torch.int16):
+        if row_bytes % dt.itemsize == 0 and t.element_size() <= dt.itemsize:
+            return t.view(dt)
+    return t
