@@ -10,7 +10,9 @@ Races of freekv-method.md §8 and how they are closed here:
 after attention; CPU: ``before_scatter.wait()``); (6) the job reads the persistent ``last_q``
 after a q-ready event; (7) ``before_attention`` waits the job's Future *before* its event;
 (8) one ordered worker with its own staging set (the main thread uses another one);
-(9) the head flags are snapshotted per job. ``debug_unsafe`` (tests only) removes each one.
+(9) the head flags are snapshotted per job. Each protection sits behind one small protected
+method (``_scatter_fence``, ``_job_query``, ``_wait_job``, ``_job_head_mask``) that the race
+tests override from outside to show the unprotected variant fails.
 
 Note: not CUDA-graph capturable (host syncs for any(flags) and for recall lists).
 """
@@ -36,11 +38,6 @@ from sglang_freekv.step_job import StepJobInputs, run_step_job
 from sglang_freekv.threads import single_intra_op_thread
 
 __all__ = ["FreeKVCache", "FreeKVDecodePlan"]
-
-UNSAFE_KNOBS = frozenset(
-    {"no_attn_done", "shared_q", "no_wait_future", "unordered_worker", "no_flag_snapshot"}
-)
-
 
 @dataclass(slots=True)
 class _LayerStep:
@@ -122,7 +119,6 @@ class FreeKVCache:
                        "corrected_heads": 0}
         self.corrections_per_layer = [0] * num_layers
         self.checks_per_layer = [0] * num_layers
-        self.debug_unsafe: set[str] = set()  # TEST ONLY: names in UNSAFE_KNOBS
 
     @property
     def req_slot_loc(self) -> torch.Tensor:
@@ -356,7 +352,6 @@ class FreeKVCache:
         if not self.cfg.speculative or not plan.any_next_sparse:
             self._steps.pop(layer, None)
             return
-        unsafe = self.debug_unsafe
         self.last_q[layer].index_copy_(0, plan.req_rows, q.to(self.dtype))  # persistent
         served = self.spec_valid_for[layer]
         for r, n, nxt in zip(plan.rows_list, plan.seq_lens_list, plan.next_sparse_list):
@@ -384,15 +379,8 @@ class FreeKVCache:
         if step is not None and step.sel is not None and not plan.cand_changes_next:
             # Reuse sel_t; corrected heads already hold it, so only the other heads.
             sel, scores = pick(step.sel), pick(step.scores)  # type: ignore[arg-type]
-            if "no_flag_snapshot" in unsafe:
-                flags_src = step.flags  # BUG on purpose: read later from the shared buffer
-            else:
-                head_mask = ~pick(step.flags)  # type: ignore[arg-type]  # new tensor (race 9)
-        q_src = q if "shared_q" in unsafe else self.last_q[layer]
-        if "shared_q" in unsafe:  # caller's q is indexed by batch position
-            q_rows = jr if jr is not None else torch.arange(plan.bs, device=self.device)
-        else:
-            q_rows = rows_j
+            head_mask, flags_src = self._job_head_mask(step, pick)
+        q_src, q_rows = self._job_query(layer, q, plan, rows_j, jr)
         # Per-step plan tensors: fresh each step and never written after build, so the job
         # may read them without copies.
         page_table, slot_loc = pick(plan.page_table), pick(plan.slot_loc)
@@ -408,7 +396,7 @@ class FreeKVCache:
                       scores, head_mask):
                 if t is not None:
                     t.record_stream(js)  # REUSE: main-stream tensors read on the job stream
-        scatter_fence = None if "no_attn_done" in unsafe else attn_done
+        scatter_fence = self._scatter_fence(attn_done)
 
         def job() -> torch.cuda.Event | None:
             js = self.recall.job_stream
@@ -453,8 +441,9 @@ class FreeKVCache:
         fence before any scatter (race 5); ``last_q`` of every layer is written (race 6); the
         job reads no shared flags (race 9); one ordered worker (race 8).
         """
-        if attn_done is not None and "no_attn_done" not in self.debug_unsafe:
-            self._step_fences.append(attn_done)
+        fence = self._scatter_fence(attn_done)
+        if fence is not None:
+            self._step_fences.append(fence)
         if layer != self.sparse_layers[-1]:
             return
         fences, self._step_fences = self._step_fences, []
@@ -479,7 +468,7 @@ class FreeKVCache:
 
     def _wait_job(self, layer: int) -> None:
         fut = self._jobs.pop(layer, None)
-        if fut is None or "no_wait_future" in self.debug_unsafe:
+        if fut is None:
             return
         # SYNC: host waits the worker's Future first, so the event below is this job's own
         # record and never a stale one from an earlier step (race 7).
@@ -487,6 +476,31 @@ class FreeKVCache:
         if event is not None:
             # STREAM: the compute stream waits the job's copies/scatters on the GPU.
             torch.cuda.current_stream(self.device).wait_event(event)
+
+    # The protections of races 5, 6 and 9 (module docstring), one method each.
+    def _scatter_fence(self, attn_done: Any) -> Any:
+        """The fence the speculative scatter waits (race 5): attention's ``attn_done``."""
+        return attn_done
+
+    def _job_query(self, layer: int, q: torch.Tensor, plan: FreeKVDecodePlan,
+                   rows_j: torch.Tensor, jr: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the per-layer job selects with (race 6): the persistent ``last_q`` of the
+        layer (written before the job is submitted), indexed by request row."""
+        return self.last_q[layer], rows_j
+
+    def _job_head_mask(self, step: _LayerStep, pick: Any
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(head_mask, flags_source)`` of a job reusing ``sel_t`` (race 9): a new tensor,
+        snapshotted now, so a later layer's flags cannot leak in."""
+        return ~pick(step.flags), None
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """The tensors this cache keeps on its device (for memory accounting)."""
+        out = [self.residency, self.digests, self.last_q, self._flags_buf, self.t.slot_loc,
+               self.t.host_pages]
+        out += self.recall.device_tensors()
+        return [t for t in out if t.device.type == self.device.type]
 
     def _write_through(self, layer: int, plan: FreeKVDecodePlan) -> None:
         from sglang_freekv.kernels.digest import page_digest

@@ -12,7 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["FreeKVConfig", "FreeKVConfigError", "KV_POLICIES", "ENV_CONFIG", "ENV_POLICY"]
+__all__ = ["FreeKVConfig", "FreeKVConfigError", "KV_POLICIES", "ENV_CONFIG", "ENV_POLICY",
+           "ENV_INNER_BACKEND", "INNER_BACKENDS", "inner_backend_for"]
 
 KV_POLICIES = ("default", "freekv")
 
@@ -20,6 +21,18 @@ KV_POLICIES = ("default", "freekv")
 # scheduler / TP process (and `Engine(**kwargs)` users) sees the same values.
 ENV_POLICY = "SGLANG_FREEKV_POLICY"
 ENV_CONFIG = "SGLANG_FREEKV_CONFIG"
+# The SGLang attention backend the freekv backend wraps (``--attention-backend`` under FreeKV).
+ENV_INNER_BACKEND = "SGLANG_FREEKV_ATTENTION_BACKEND"
+INNER_BACKENDS = ("flashinfer", "triton", "torch_native")
+
+
+def inner_backend_for(device_type: str) -> str:
+    """The SGLang backend FreeKV wraps: the launcher's choice, else FlashInfer on CUDA and
+    torch_native elsewhere (the CPU platform)."""
+    chosen = os.environ.get(ENV_INNER_BACKEND)
+    if chosen:
+        return chosen
+    return "flashinfer" if device_type == "cuda" else "torch_native"
 
 
 class FreeKVConfigError(ValueError):

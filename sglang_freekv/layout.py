@@ -38,6 +38,7 @@ from sglang_freekv.config import FreeKVConfig
 __all__ = [
     "BudgetGeometry",
     "budget_attention_indices",
+    "budget_attention_table",
     "candidate_range",
     "dense_attention_indices",
     "num_pages",
@@ -187,6 +188,29 @@ def budget_attention_indices(
     first = torch.gather(req_slot_loc[req_rows], 1, slots)  # [bs, budget_pages] int64
     kv_indptr, kv_indices = _rows_from_pages(first, kv_lens, g.page_size)
     return kv_indptr, kv_indices, kv_lens.to(torch.int32)
+
+
+def budget_attention_table(
+    slot_loc: torch.Tensor, seq_lens: torch.Tensor, g: BudgetGeometry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention rows over the budget slots as a padded table (no compaction, no sync).
+
+    The table plays SGLang's ``req_to_token`` for the wrapped attention backend: row ``b``'s
+    first ``kv_lens[b]`` entries are the device rows attended, in attention order (as
+    :func:`budget_attention_indices`); later entries are valid rows never read.
+
+    Parameters
+    ----------
+    slot_loc : ``[bs, budget_pages]`` int64, first device row of each slot of the batch.
+    seq_lens : ``[bs]`` int64, seq_len incl. the current token (same device).
+
+    Returns ``(table [bs, budget_pages * P] int32, kv_lens [bs] int32)``, same device.
+    """
+    slots, _, kv_lens = _attended_slots(seq_lens, g)
+    first = torch.gather(slot_loc, 1, slots)  # [bs, budget_pages] int64
+    offs = torch.arange(g.page_size, device=first.device)
+    table = (first[:, :, None] + offs).reshape(first.shape[0], -1)  # [bs, budget] int64
+    return table.to(torch.int32), kv_lens.to(torch.int32)
 
 
 def dense_attention_indices(

@@ -13,6 +13,7 @@ import torch
 from sglang_freekv.layout import (
     BudgetGeometry,
     budget_attention_indices,
+    budget_attention_table,
     candidate_range,
     page_slot,
     token_loc,
@@ -35,6 +36,8 @@ class FreeKVDecodePlan:
     kv_indptr: torch.Tensor         # [bs + 1] int32, attention over budget rows
     kv_indices: torch.Tensor        # [kv_indptr[-1]] int64, device rows
     kv_lens: torch.Tensor           # [bs] int32
+    kv_lens_cpu: torch.Tensor       # [bs] int32, cpu
+    kv_table: torch.Tensor          # [bs, budget] int32, rows in attention order (padded)
     slot_loc: torch.Tensor          # [bs, budget_pages] int64, first row of each slot
     page_table: torch.Tensor        # [bs, max_pages] int32, host page id per logical page
     cand_start: torch.Tensor        # [bs] int32, candidates [start, end) at seq_len
@@ -85,6 +88,7 @@ def build_plan(
     slot_loc_c = slot_loc_cpu[rows]  # [bs, budget_pages] int64
     tok = token_loc(slot_loc_c, n, g)  # [bs]
     kv_indptr, kv_indices, kv_lens = budget_attention_indices(slot_loc_cpu, rows, n, g)
+    kv_table, _ = budget_attention_table(slot_loc_c, n, g)
     cs, ce, sparse = candidate_range(n, g)
     _, nce, nsparse = candidate_range(n + 1, g)
     # Dense-regime window exit: the token opening page p_new evicts p_new - nw from the ring.
@@ -120,6 +124,8 @@ def build_plan(
         kv_indptr=dev(kv_indptr),
         kv_indices=dev(kv_indices),
         kv_lens=dev(kv_lens),
+        kv_lens_cpu=kv_lens,
+        kv_table=dev(kv_table),
         slot_loc=dev(slot_loc_c),
         page_table=host_pages_dev[req_rows],
         cand_start=dev(cs),

@@ -22,6 +22,9 @@ PLATFORM_QUALNAME = "sglang_freekv.platform.FreeKVCpuPlatform"
 # (14.5 GB and ~30 s of allocation on our 24 GB machines) for a 135M model.
 ENV_MAX_TOKENS = "SGLANG_FREEKV_CPU_MAX_TOKENS"
 DEFAULT_MAX_TOTAL_TOKENS = 65536
+# Simulated device memory (GiB): the platform then reports a device of this size, and
+# SGLang's own profiler sizes weights, KV pools and activations out of it as on a GPU.
+ENV_DEVICE_GB = "SGLANG_FREEKV_CPU_DEVICE_GB"
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +59,27 @@ def activate() -> str | None:
     return PLATFORM_QUALNAME if cpu_platform_wanted() else None
 
 
-def _max_total_tokens_default() -> int:
+def simulated_device_bytes() -> int | None:
+    """Bytes of the simulated device (``SGLANG_FREEKV_CPU_DEVICE_GB``), or None when unset.
+    Raises ValueError naming the variable for a value that is not a positive number."""
+    raw = os.environ.get(ENV_DEVICE_GB)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_DEVICE_GB}={raw!r}: must be a number of GiB") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{ENV_DEVICE_GB}={raw!r}: must be > 0")
+    return int(value * (1 << 30))
+
+
+def max_total_tokens_default() -> int | None:
+    """The CPU platform's KV pool cap: ``SGLANG_FREEKV_CPU_MAX_TOKENS``, else 65536 tokens,
+    else (with a simulated device memory) None: the profiler sizes the pool."""
     raw = os.environ.get(ENV_MAX_TOKENS)
     if raw is None:
-        return DEFAULT_MAX_TOTAL_TOKENS
+        return None if simulated_device_bytes() is not None else DEFAULT_MAX_TOTAL_TOKENS
     try:
         value = int(raw)
     except ValueError:
@@ -104,7 +124,24 @@ def _build_platform_class() -> type:
             if getattr(server_args, "device", None) in (None, "", "auto"):
                 server_args.device = "cpu"
             if getattr(server_args, "max_total_tokens", None) is None:
-                server_args.max_total_tokens = _max_total_tokens_default()
+                server_args.max_total_tokens = max_total_tokens_default()
+
+        def get_device_total_memory(self, device_id: int = 0) -> int:
+            total = simulated_device_bytes()
+            return total if total is not None else super().get_device_total_memory(device_id)
+
+        def get_current_memory_usage(self, device: Any = None) -> float:
+            if simulated_device_bytes() is None:
+                return super().get_current_memory_usage(device)
+            from sglang_freekv.patches.cpu_platform import simulated_device_used
+
+            return float(simulated_device_used())
+
+        def get_available_memory(self, device_id: int = 0) -> tuple[int, int]:
+            total = simulated_device_bytes()
+            if total is None:
+                return super().get_available_memory(device_id)
+            return total - int(self.get_current_memory_usage()), total
 
         def get_torch_distributed_backend_str(self) -> str:
             return "gloo"

@@ -3,15 +3,28 @@
 ``kv[L, num_pages, H, 2, P, D]`` (index 0 = K, 1 = V): one contiguous ``[2, P, D]`` block per
 (layer, page, head), so recalling one (page, head) is one contiguous read. Pinned when a
 CUDA device is used, so H2D/D2H copies are true async DMA.
+
+Pinning: ``torch.empty(pin_memory=True)`` goes through torch's caching host allocator, which
+rounds every block up to a power of two (64 GiB asked = 128 GiB pinned). The tier is instead
+allocated as ordinary memory and registered with ``cudaHostRegister`` (portable + mapped), in
+chunks of whole pages of one layer, so exactly the bytes used are pinned (``pinned_bytes``)
+and no copy of a run of pages ever spans two registrations (``write_blocks`` splits runs at
+chunk boundaries).
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-__all__ = ["FreeKVHostPool", "FreeKVHostPoolFull", "host_page_bytes", "pages_for_budget"]
+__all__ = ["FreeKVHostPool", "FreeKVHostPoolFull", "host_page_bytes", "pages_for_budget",
+           "pin_host_tensor"]
 
 _GIB = float(1 << 30)
+_ALIGN = 4096  # registrations start on a host page
+REGISTER_CHUNK_BYTES = 1 << 30  # at most this many bytes per cudaHostRegister call
+_HOST_REGISTER_FLAGS = 0x01 | 0x02  # cudaHostRegisterPortable | cudaHostRegisterMapped
 
 
 class FreeKVHostPoolFull(RuntimeError):
@@ -38,6 +51,51 @@ def pages_for_budget(
     """How many host pages fit in ``host_memory_gb`` GiB (at least 1)."""
     per_page = host_page_bytes(num_layers, num_kv_heads, page_size, head_dim, dtype)
     return max(1, int(host_memory_gb * _GIB) // per_page)
+
+
+def pin_host_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, granule_bytes: int
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """An uninitialised host tensor of ``shape`` whose bytes are page-locked exactly.
+
+    Registered with ``cudaHostRegister`` in chunks of a whole number of ``granule_bytes``
+    (<= ``REGISTER_CHUNK_BYTES`` unless one granule is larger); returns the tensor and the
+    ``(address, bytes)`` ranges, which are unregistered when the tensor is freed. Needs CUDA.
+    """
+    numel = 1
+    for n in shape:
+        numel *= n
+    elem = torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * elem
+    raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % _ALIGN
+    tensor = raw[off:off + nbytes].view(dtype).view(shape)
+    cudart = torch.cuda.cudart()
+    chunk = max(granule_bytes, REGISTER_CHUNK_BYTES // granule_bytes * granule_bytes)
+    ranges: list[tuple[int, int]] = []
+    base = tensor.data_ptr()
+    try:
+        for start in range(0, nbytes, chunk):
+            size = min(chunk, nbytes - start)
+            err = cudart.cudaHostRegister(base + start, size, _HOST_REGISTER_FLAGS)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {size} bytes failed ({err}); the "
+                                   "container's memlock limit may be too low (ulimit -l)")
+            ranges.append((base + start, size))
+    except BaseException:
+        _unregister(ranges)
+        raise
+
+    weakref.finalize(raw, _unregister, list(ranges)).atexit = False
+    return tensor, ranges
+
+
+def _unregister(ranges: list[tuple[int, int]]) -> None:
+    if not ranges:
+        return
+    cudart = torch.cuda.cudart()
+    for addr, _ in ranges:
+        cudart.cudaHostUnregister(addr)
 
 
 class FreeKVHostPool:
@@ -76,8 +134,16 @@ class FreeKVHostPool:
         self.dtype = dtype
         self.pin_memory = pin_memory
         shape = (num_layers, num_pages, num_kv_heads, 2, page_size, head_dim)
-        self.kv = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
         self.page_bytes = host_page_bytes(num_layers, num_kv_heads, page_size, head_dim, dtype)
+        layer_page = self.page_bytes // num_layers  # one page of one layer (a copy granule)
+        self._ranges: list[tuple[int, int]] = []
+        if pin_memory:
+            self.kv, self._ranges = pin_host_tensor(shape, dtype, layer_page)
+        else:
+            self.kv = torch.empty(shape, dtype=dtype)
+        # pages of one layer per registration (write_blocks never crosses a boundary)
+        first = self._ranges[0][1] if self._ranges else num_pages * layer_page
+        self._pages_per_chunk = max(1, first // layer_page)
         # Free stack: ids in _free[:_top] are free. owner per page, -1 = free.
         self._free = torch.arange(num_pages - 1, -1, -1, dtype=torch.int64)  # pops 0, 1, 2...
         self._top = num_pages
@@ -85,6 +151,15 @@ class FreeKVHostPool:
         self._ref = torch.zeros((num_pages,), dtype=torch.int64)  # references per page
         self._backup_stream: torch.cuda.Stream | None = None
         self._last_write: torch.cuda.Event | None = None
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of the tier page-locked with ``cudaHostRegister`` (0 when not pinned)."""
+        return sum(size for _, size in self._ranges)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
 
     # ------------------------------------------------------------------ allocator
     @property
@@ -190,9 +265,11 @@ class FreeKVHostPool:
         # REUSE: `blocks` was allocated on the current stream; record it on the backup stream
         # so the caching allocator does not hand its memory out before the D2H has read it.
         blocks.record_stream(stream)
-        # Copies go per run of consecutive ids (one DMA each): allocations are mostly runs.
+        # Copies go per run of consecutive ids (one DMA each): allocations are mostly runs. A
+        # run also breaks where a registration chunk ends (flat index layer*pages + id).
         starts = torch.ones_like(ids, dtype=torch.bool)
-        starts[1:] = ids[1:] != ids[:-1] + 1
+        flat = ids + layer * self.num_pages
+        starts[1:] = (ids[1:] != ids[:-1] + 1) | (flat[1:] % self._pages_per_chunk == 0)
         bounds = torch.nonzero(starts).flatten().tolist() + [int(ids.numel())]
         with torch.cuda.stream(stream):
             for a, b in zip(bounds[:-1], bounds[1:]):

@@ -15,14 +15,13 @@ buffers with an in-flight speculative job (race 8).
 CPU path: same interface; async jobs run in order on one worker thread
 (``ThreadPoolExecutor(max_workers=1)``), sync recalls run inline.
 
-Test hooks: ``debug_delay_s`` (sleep at job start and between gather and scatter) and
-``debug_hook(point)`` (called at ``"job_start"`` and ``"gathered"``) widen race windows.
+``_checkpoint(point)`` (a no-op, called at ``"job_start"`` and ``"gathered"``) is where race
+tests hook in from outside to hold a job at a chosen point.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -100,15 +99,13 @@ class FreeKVRecallEngine:
         self._executor = self._new_executor(1)
         self._inflight: set[Future[Any]] = set()
         self._lock = threading.Lock()
-        self.debug_delay_s = 0.0
-        self.debug_hook: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ jobs
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the ordered worker; returns its Future (the job handle)."""
 
         def run() -> T:
-            self._debug("job_start")
+            self._checkpoint("job_start")
             if self.cuda:
                 with torch.cuda.device(self.device):
                     return fn()
@@ -134,12 +131,6 @@ class FreeKVRecallEngine:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
-    def debug_set_workers(self, n: int) -> None:
-        """TEST ONLY: replace the ordered worker by ``n`` workers (removes race-8 protection)."""
-        self.wait_all()
-        self._executor.shutdown(wait=True)
-        self._executor = self._new_executor(n)
-
     def _new_executor(self, n: int) -> ThreadPoolExecutor:
         """``n`` worker threads; on CPU each runs torch ops with one intra-op thread
         (see :mod:`sglang_freekv.threads`: a job's ops are tiny, and a team of the worker's
@@ -149,11 +140,12 @@ class FreeKVRecallEngine:
             pin_worker_threads(ex, n)
         return ex
 
-    def _debug(self, point: str) -> None:
-        if self.debug_delay_s > 0:
-            time.sleep(self.debug_delay_s)
-        if self.debug_hook is not None:
-            self.debug_hook(point)
+    def _checkpoint(self, point: str) -> None:
+        """Named points of a job (``"job_start"``, ``"gathered"``); a no-op."""
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """The staging buffers on the KV device (for memory accounting)."""
+        return [b for st in self._sets.values() for b in st.device_bufs]
 
     # ------------------------------------------------------------------ copies
     def recall(
@@ -197,7 +189,7 @@ class FreeKVRecallEngine:
                 buf = st.device_bufs[g % self.num_staging][:m]  # [m, 2, P, D]
                 out = wide_int_view(buf.view(m, -1))
                 torch.index_select(src, 0, flat[a : a + m], out=out)
-                self._debug("gathered")
+                self._checkpoint("gathered")
                 if before_scatter is not None:
                     before_scatter.wait()  # SYNC: the slots' previous readers are done (5)
                 _scatter(buf, kbuf, vbuf, dst_loc[a : a + m], heads[a : a + m])
@@ -243,7 +235,7 @@ class FreeKVRecallEngine:
             host = st.host_bufs[b][:m]
             out = wide_int_view(host.view(m, -1))
             torch.index_select(src, 0, flat[a : a + m], out=out)  # gather
-            self._debug("gathered")
+            self._checkpoint("gathered")
             with torch.cuda.stream(st.streams[b]):
                 # REUSE: device buffer b was last read by the scatter of group g - 2 on this
                 # same stream, so stream order protects it.

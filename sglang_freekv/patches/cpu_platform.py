@@ -12,6 +12,11 @@ Active only when :func:`sglang_freekv.platform.cpu_platform_wanted` is true. Cha
   CPUs with ``os.sched_setaffinity`` and size torch's thread pool to them (the in-tree
   version needs sgl_kernel's CPU ops). Without pinning, two TP2 ranks fight over the same
   cores and decode ~4x slower.
+- With ``SGLANG_FREEKV_CPU_DEVICE_GB`` set (a simulated device memory, for sizing tests):
+  ``sglang.srt.utils.common.get_available_gpu_memory`` (AROUND) answers for ``device ==
+  "cpu"`` with that size minus what this process holds "on the device" (the model's weights,
+  the KV and request pools, FreeKV's device tables), exactly as ``cuda`` answers with
+  ``mem_get_info``; ``ModelRunner.load_model`` (BEFORE) remembers the runner to count them.
 """
 
 from __future__ import annotations
@@ -21,12 +26,73 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from sglang_freekv.platform import cpu_platform_wanted
+import torch
+
+from sglang_freekv.platform import cpu_platform_wanted, simulated_device_bytes
 
 logger = logging.getLogger(__name__)
 
 _NUMA = "sglang.srt.utils.numa_utils.init_threads_binding"
 _THREADS = "sglang.srt.distributed.bootstrap._init_cpu_threads_env"
+_AVAILABLE = "sglang.srt.utils.common.get_available_gpu_memory"
+_LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
+TARGETS = (_NUMA, _THREADS, _AVAILABLE, _LOAD_MODEL)
+
+_RUNNERS: list[Any] = []  # model runners of this process (simulated device accounting)
+
+
+def _tensor_bytes(tensors: Any, seen: set[int]) -> int:
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def simulated_device_used() -> int:
+    """Bytes this process holds on the simulated device: weights, KV and request pools, and
+    FreeKV's device tables (the host tier is host memory and is not counted)."""
+    seen: set[int] = set()
+    total = 0
+    for runner in _RUNNERS:
+        model = getattr(runner, "model", None)
+        if model is not None:
+            total += _tensor_bytes(list(model.parameters()) + list(model.buffers()), seen)
+        pool = getattr(runner, "token_to_kv_pool", None)
+        for name in ("k_buffer", "v_buffer"):
+            total += _tensor_bytes(getattr(pool, name, None) or [], seen)
+        req = getattr(getattr(runner, "req_to_token_pool", None), "req_to_token", None)
+        total += _tensor_bytes([req], seen)
+        serving = getattr(pool, "serving", None)
+        if serving is not None:
+            total += _tensor_bytes(serving.cache.device_tensors(), seen)
+    return total
+
+
+def _available_gpu_memory(orig: Callable[..., Any], device: Any, gpu_id: Any,
+                          distributed: bool = False, empty_cache: bool = True,
+                          cpu_group: Any = None) -> float:
+    from sglang_freekv.platform import simulated_device_bytes
+
+    total = simulated_device_bytes()
+    if total is None or device != "cpu":
+        return orig(device, gpu_id, distributed=distributed, empty_cache=empty_cache,
+                    cpu_group=cpu_group)
+    free = torch.tensor(float(total - simulated_device_used()), dtype=torch.float32)
+    if distributed:
+        torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN, group=cpu_group)
+    return float(free.item()) / (1 << 30)
+
+
+def _remember_runner(self: Any, *args: Any, **kwargs: Any) -> None:
+    if self not in _RUNNERS:
+        _RUNNERS.append(self)
+    return None
 
 
 def parse_cpu_list(spec: str) -> list[int]:
@@ -88,6 +154,19 @@ def _init_cpu_threads_env(
     logger.info("freekv cpu platform: pinned rank to CPUs %s (%d threads)", cpus, len(cpus))
 
 
+def active() -> bool:
+    """Whether this process runs on FreeKVCpuPlatform (these hooks then apply)."""
+    return cpu_platform_wanted()
+
+
+def active_targets() -> tuple[str, ...]:
+    """The SGLang symbols :func:`register` patches in this process."""
+    flags = ("sglang.srt.layers.linear._is_cpu", "sglang.srt.layers.parameter._is_cpu")
+    if simulated_device_bytes() is not None:
+        return (*flags, _NUMA, _THREADS, _AVAILABLE, _LOAD_MODEL)
+    return (*flags, _NUMA, _THREADS)
+
+
 def register() -> None:
     if not cpu_platform_wanted():
         return
@@ -99,3 +178,6 @@ def register() -> None:
     parameter._is_cpu = True
     HookRegistry.register(_NUMA, _threads_binding, HookType.AROUND)
     HookRegistry.register(_THREADS, _init_cpu_threads_env, HookType.REPLACE)
+    if simulated_device_bytes() is not None:
+        HookRegistry.register(_AVAILABLE, _available_gpu_memory, HookType.AROUND)
+        HookRegistry.register(_LOAD_MODEL, _remember_runner, HookType.BEFORE)

@@ -2,7 +2,7 @@
 
 SGLang sets PROMETHEUS_MULTIPROC_DIR before spawning schedulers, so metrics created in a
 scheduler process are aggregated by the HTTP server. Counters are fed with deltas of
-``FreeKVCache.stats()`` once per decode step and on every release; gauges use the
+``FreeKVCache.stats()`` once per forward and on every release; gauges use the
 ``mostrecent`` multiprocess mode so an idle server reads 0.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from sglang_freekv.serving import FreeKVServing
 
 COUNTERS = {
     "recall_bytes": ("sglang:freekv_recall_bytes", "Bytes recalled from the host tier"),
@@ -53,22 +53,18 @@ class FreeKVMetrics:
                                     multiprocess_mode="mostrecent").labels(tp_rank=str(tp_rank))
         return out
 
-    def update(self, backend: Any) -> None:
+    def update(self, serving: FreeKVServing) -> None:
+        """Push the serving core's counters (deltas) and usage gauges."""
         if not self.counters:
             return
-        stats = backend.cache.stats()
+        stats = serving.cache.stats()
         for key, counter in self.counters.items():
             value = int(stats[key])
             delta = value - self.last.get(key, 0)
             if delta > 0:
                 counter.inc(delta)
             self.last[key] = value
-        pool = backend.pool
-        p = backend.cache.g.page_size
-        device_pages = len(backend.committed) * backend.cache.g.budget_pages
-        device_pages += -(-pool.staging.used // p)
-        tables = backend.cache.t.host_pages_cpu[sorted(backend.committed)]
-        in_flight = int(torch.unique(tables[tables >= 0]).numel()) if tables.numel() else 0
-        self.gauges["host_pages_used"].set(in_flight)
-        self.gauges["host_pages_cached"].set(int(stats["host_pages_used"]) - in_flight)
-        self.gauges["device_pages_used"].set(device_pages)
+        usage = serving.usage()
+        self.gauges["host_pages_used"].set(usage.host_pages_in_flight)
+        self.gauges["host_pages_cached"].set(usage.host_pages_cached)
+        self.gauges["device_pages_used"].set(usage.device_pages)

@@ -1,112 +1,91 @@
-"""FreeKV's KV pool for SGLang: full-size dense layers, budget-size sparse layers.
+"""FreeKV's KV pool and memory sizing for SGLang (thin adapters over ``sglang_freekv.sizing``
+and ``sglang_freekv.serving``).
 
 Changes (only when ``--kv-policy freekv`` is active in this process):
-- ``KVCacheConfigurator._derive_pool_sizes`` (AFTER): remembers ``max_running_requests``.
+- ``KVCacheConfigurator._resolve_memory_pool_config`` (AROUND): SGLang's profiler measures
+  the device bytes left for KV as usual (``_profile_available_bytes``); FreeKV spends them
+  with :func:`sglang_freekv.sizing.plan_device_memory` (logical tokens bounded by the host
+  tier, not by dense KV) and returns SGLang a pool config with that ``max_total_num_tokens``
+  and ``max_running_requests``.
 - ``KVCacheConfigurator._resolve_kv_pool_class`` (AROUND): for ``kind="mha"`` returns
-  :class:`FreeKVTokenToKVPool`.
+  :class:`FreeKVTokenToKVPool` (dense layers full-size, sparse layers budget + staging rows).
 - ``PrefillAdder.add_one_req`` (AROUND): stops filling a prefill batch before its tokens
   (cached prefixes included, they are staged too) overflow the prefill staging rows.
-
-Memory model. SGLang's allocator hands out *logical* token ids (``req_to_token``) over the
-whole context as usual; the logical capacity (``max_total_tokens``) is capped to the host tier
-by the launcher. Dense layers (``dense_layers``) keep full-size buffers indexed by logical id.
-Sparse layers have ``device_rows`` rows only: ``max_running_requests x budget`` rows of budget
-slots plus a prefill staging area. While a request prefills, its tokens' logical ids map to
-staging rows (``loc_map``); at its first decode step the backend commits it to FreeKV (host
-tier + digests + budget slots) and the staging rows are returned.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from sglang_freekv.cache import FreeKVCache
 from sglang_freekv.config import FreeKVConfig
 from sglang_freekv.patches.server_args import policy_of
+from sglang_freekv.serving import DeviceRows, FreeKVServing
+from sglang_freekv.sizing import DeviceMemoryPlan, ModelShape, plan_device_memory
 
 logger = logging.getLogger(__name__)
 
-_SIZES = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._derive_pool_sizes"
-_RESOLVE = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class"
+_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+_RESOLVE_CONFIG = f"{_CONFIGURATOR}._resolve_memory_pool_config"
+_RESOLVE_CLASS = f"{_CONFIGURATOR}._resolve_kv_pool_class"
 _ADMIT = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
+TARGETS = (_RESOLVE_CONFIG, _RESOLVE_CLASS, _ADMIT)
 
-_state: dict[str, Any] = {"max_running_requests": None}
-# Device rows for prompts being prefilled (kept until each request's first decode step).
-STAGING_TOKENS = 8192
-# The pool of this process (one model runner per scheduler process).
-ACTIVE: dict[str, Any] = {"pool": None}
+# The plan of this process (one model runner per scheduler process) and its pool.
+ACTIVE: dict[str, Any] = {"plan": None, "pool": None, "backend": None, "scheduler": None}
 
 
-def _staging_tokens() -> int:
-    """Rows for one prefill batch: the larger of STAGING_TOKENS, SGLang's prefill-token cap
-    and the context length (chunked prefill is off, so a long prompt prefills whole)."""
-    from sglang.srt.runtime_context import get_server_args
-
-    args = get_server_args()
-    want = [STAGING_TOKENS, getattr(args, "max_prefill_tokens", 0) or 0,
-            getattr(args, "context_length", 0) or 0]
-    model_path = getattr(args, "model_path", None)
-    if model_path:
-        from pathlib import Path
-        import json
-
-        cfg_file = Path(model_path) / "config.json"
-        if cfg_file.is_file():
-            cfg = json.loads(cfg_file.read_text())
-            want.append(int((cfg.get("text_config") or cfg).get("max_position_embeddings") or 0))
-    return max(want) + 64
+def _host_bytes_per_token(model_path: str | None, dtype: torch.dtype) -> int | None:
+    """Host-tier bytes of one token over all layers and KV heads (all ranks)."""
+    if not model_path or not (Path(model_path) / "config.json").is_file():
+        return None
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    layers = text.get("num_hidden_layers")
+    heads = text.get("num_key_value_heads") or text.get("num_attention_heads")
+    head_dim = text.get("head_dim") or (
+        text.get("hidden_size", 0) // max(1, text.get("num_attention_heads", 1)))
+    if not (layers and heads and head_dim):
+        return None
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * int(layers) * int(heads) * int(head_dim) * elem
 
 
-class StagingRows:
-    """Free mask over device rows ``[start, end)``, handed out one token row at a time."""
+def _resolve_memory_pool_config(orig: Any, self: Any, pre_model_load_memory: int) -> Any:
+    policy, cfg = policy_of()
+    if policy != "freekv" or getattr(self, "is_draft_worker", False):
+        return orig(self, pre_model_load_memory)
+    assert cfg is not None and cfg.host_memory_gb is not None  # resolved by the launcher
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+    from sglang.srt.runtime_context import get_parallel, get_schedule
 
-    def __init__(self, start: int, end: int, device: torch.device) -> None:
-        self.start = start
-        self.free_mask = torch.ones(end - start, dtype=torch.bool, device=device)
-
-    @property
-    def used(self) -> int:
-        return int((~self.free_mask).sum())
-
-    def alloc(self, n: int) -> torch.Tensor | None:
-        """``[n]`` int64 rows, or None when fewer than ``n`` are free."""
-        idx = torch.nonzero(self.free_mask).flatten()[:n]
-        if idx.numel() < n:
-            return None
-        self.free_mask[idx] = False
-        return idx + self.start
-
-    def free(self, rows: torch.Tensor) -> None:
-        self.free_mask[rows - self.start] = True
-
-
-class RowAllocator:
-    """Free list of device rows in ``[start, end)``, handed out in pages of ``page`` rows."""
-
-    def __init__(self, start: int, end: int, page: int) -> None:
-        self.page = page
-        self.free_pages = list(range(start, end, page))[::-1]  # pop() gives the lowest
-        self.total = len(self.free_pages)
-
-    @property
-    def used(self) -> int:
-        return self.total - len(self.free_pages)
-
-    def alloc_pages(self, n: int) -> list[int] | None:
-        if n > len(self.free_pages):
-            return None
-        return [self.free_pages.pop() for _ in range(n)]
-
-    def free(self, pages: list[int]) -> None:
-        self.free_pages.extend(pages)
-
-
-def _derive_pool_sizes(result: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
-    _state["max_running_requests"] = int(result.max_running_requests)
-    return result
+    available = self._profile_available_bytes(pre_model_load_memory)
+    mc = self.model_config
+    tp = get_parallel().attn_tp_size
+    num_layers = self.layer_info.num_effective_layers
+    dense = sum(1 for i in cfg.dense_layers if i < num_layers)
+    shape = ModelShape(
+        num_layers=num_layers, num_dense_layers=dense,
+        num_qo_heads=mc.get_num_attention_heads(tp), num_kv_heads=mc.get_num_kv_heads(tp),
+        head_dim=mc.head_dim, elem_bytes=torch.empty((), dtype=self.kv_cache_dtype).element_size())
+    per_token = _host_bytes_per_token(self.server_args.model_path, self.kv_cache_dtype)
+    if per_token is None:  # no local config.json: this rank's heads times the TP size
+        per_token = shape.row_bytes * num_layers * tp
+    plan = plan_device_memory(
+        available_bytes=available, shape=shape, page_size=cfg.page_size, budget=cfg.budget,
+        top_k=cfg.top_k, context_len=mc.context_len,
+        host_bytes=int(cfg.host_memory_gb * (1 << 30)), host_bytes_per_token=per_token,
+        max_total_tokens=get_schedule().max_total_tokens,
+        max_running_requests=get_schedule().max_running_requests)
+    ACTIVE["plan"] = plan
+    logger.info("freekv: %s", plan.describe())
+    return MemoryPoolConfig(max_total_num_tokens=plan.max_total_tokens,
+                            max_running_requests=plan.max_running_requests,
+                            mem_fraction_static=get_schedule().mem_fraction_static)
 
 
 def _resolve_kv_pool_class(orig: Any, self: Any, *, kind: str, default: type) -> type:
@@ -130,69 +109,59 @@ def pool_class(base: type) -> type:
 
         def __init__(self, size: int, *args: Any, **kwargs: Any) -> None:
             _, cfg = policy_of()
-            assert cfg is not None
+            plan: DeviceMemoryPlan | None = ACTIVE["plan"]
+            if cfg is None or plan is None:
+                raise RuntimeError("freekv: the KV pool was built without FreeKV's memory plan")
             self.freekv_config: FreeKVConfig = cfg
+            self.freekv_plan = plan
             layer_num = kwargs["layer_num"]
             start = kwargs.get("start_layer") or 0
             self.dense_local = {i - start for i in cfg.dense_layers if 0 <= i - start < layer_num}
-            p = cfg.page_size
-            self.max_reqs = int(_state["max_running_requests"] or 64) + 1
-            # Staging holds the prompts being prefilled (all their chunks) until their first
-            # decode step: one full context plus a margin, in pages.
-            self.staging_rows = -(-min(size + p, _staging_tokens()) // p) * p
-            self.budget_rows = self.max_reqs * cfg.budget
-            self.device_rows = self.budget_rows + self.staging_rows
+            # One budget chunk per running request (+1: a request finishing while the next
+            # one commits within the same step).
+            self.rows = DeviceRows(budget=cfg.budget, max_reqs=plan.max_running_requests + 1,
+                                   staging_rows=plan.staging_rows)
             super().__init__(size, *args, **kwargs)
-            dev = self.k_buffer[0].device
-            # loc_map: logical id -> staging row of a prompt token not yet committed (-1).
-            self.loc_map = torch.full((size + self.page_size,), -1, dtype=torch.int64,
-                                      device=dev)
-            self.slots = RowAllocator(0, self.budget_rows, cfg.budget)
-            self.staging = StagingRows(self.budget_rows, self.device_rows, dev)
-            self.freekv: FreeKVCache | None = None
+            self.serving: FreeKVServing | None = None
             ACTIVE["pool"] = self
 
-        def init_freekv(self, num_qo_heads: int) -> FreeKVCache:
-            """Create the rank's FreeKVCache (host tier, digests, recall) once."""
-            if self.freekv is not None:
-                return self.freekv
-            cfg, p, size = self.freekv_config, self.freekv_config.page_size, self.size
-            dev = self.k_buffer[0].device
-            num_host_pages = -(-size // p) + self.max_reqs
-            self.freekv = FreeKVCache(
-                cfg,
-                num_layers=self.layer_num,
-                num_qo_heads=num_qo_heads,
-                num_kv_heads=self.head_num,
-                head_dim=self.head_dim,
-                dtype=self.dtype,
-                device=dev,
-                max_reqs=self.max_reqs + 1,
-                max_pages_per_req=-(-size // p) + 1,
-                num_host_pages=num_host_pages,
-                k_buffers=self.k_buffer,
-                v_buffers=self.v_buffer,
-            )
-            host_gb = self.freekv.host.kv.numel() * self.freekv.host.kv.element_size() / 2**30
-            dense_gb = sum(b.numel() * b.element_size() * 2 for i, b in
-                           enumerate(self.k_buffer) if i in self.dense_local) / 2**30
-            sparse_gb = sum(b.numel() * b.element_size() * 2 for i, b in
-                            enumerate(self.k_buffer) if i not in self.dense_local) / 2**30
+        @property
+        def staging_rows(self) -> int:
+            return self.rows.staging_rows
+
+        def init_serving(self, *, num_qo_heads: int, req_rows: int,
+                         keep_partial_pages: bool, evict: Any) -> FreeKVServing:
+            """Create the rank's serving core (host tier, digests, recall) once."""
+            if self.serving is not None:
+                return self.serving
+            cfg = self.freekv_config
+            self.serving = FreeKVServing(
+                cfg, self.rows, k_buffers=self.k_buffer, v_buffers=self.v_buffer,
+                num_qo_heads=num_qo_heads, num_token_ids=self.size + self.page_size + 1,
+                num_host_pages=self.freekv_plan.num_host_pages,
+                max_pages_per_req=-(-(self.size + self.page_size) // cfg.page_size) + 1,
+                max_req_rows=req_rows, keep_partial_pages=keep_partial_pages, evict=evict)
+            host = self.serving.cache.host
+            elem = self.k_buffer[0].element_size()
+            row = 2 * self.head_num * self.head_dim * elem
+            dense_rows = self.size + self.page_size
             logger.info(
-                "freekv: host tier %.2f GiB (%d pages of %d tokens, %d KV heads); device KV "
-                "%.2f GiB sparse (%d rows: %d requests x budget %d + %d staging) + %.2f GiB "
+                "freekv: host tier %.3f GiB (%d pages of %d tokens, %d KV heads; %s); device "
+                "KV %.3f GiB sparse (%d rows: %d requests x budget %d + %d staging) + %.3f GiB "
                 "for dense layers %s",
-                host_gb, num_host_pages, p, self.head_num, sparse_gb, self.device_rows,
-                self.max_reqs, cfg.budget, self.staging_rows, dense_gb,
-                sorted(i + self.start_layer for i in self.dense_local),
-            )
-            return self.freekv
+                host.total_bytes / 2**30, host.num_pages, cfg.page_size, self.head_num,
+                f"pinned {host.pinned_bytes / 2**30:.3f} GiB" if host.pin_memory
+                else "not pinned: no CUDA", row * self.rows.total * (self.layer_num - len(
+                    self.dense_local)) / 2**30, self.rows.total, self.rows.max_reqs,
+                cfg.budget, self.rows.staging_rows, row * dense_rows * len(self.dense_local)
+                / 2**30, sorted(i + self.start_layer for i in self.dense_local))
+            return self.serving
 
         def _create_buffers_normal(self) -> None:
             rows_full = self.size + self.page_size
             self.k_buffer, self.v_buffer = [], []
             for i in range(self.layer_num):
-                rows = rows_full if i in self.dense_local else self.device_rows
+                rows = rows_full if i in self.dense_local else self.rows.total
                 buf = torch.zeros((2, rows, self.head_num, self.head_dim),
                                   dtype=self.store_dtype, device=self.device)
                 assert self.v_head_dim == self.head_dim
@@ -211,10 +180,13 @@ def pool_class(base: type) -> type:
             layer_id = layer_id if layer_id is not None else layer.layer_id
             if not self.is_sparse_layer(layer_id):
                 return super().set_kv_buffer(layer, loc_info, cache_k, cache_v, *args, **kwargs)
+            # SGLang's generic write path (the FreeKV backend writes sparse layers itself).
             from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
 
+            if self.serving is None:
+                raise RuntimeError("freekv: KV write to a sparse layer before the backend")
             loc, _, _ = unwrap_write_loc(loc_info)
-            rows = self.loc_map[loc]
+            rows = self.serving.translate(loc)
             local = layer_id - self.start_layer
             self.k_buffer[local][rows] = cache_k.to(self.store_dtype)
             self.v_buffer[local][rows] = cache_v.to(self.store_dtype)
@@ -247,5 +219,5 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(_ADMIT, _add_one_req, HookType.AROUND)
-    HookRegistry.register(_SIZES, _derive_pool_sizes, HookType.AFTER)
-    HookRegistry.register(_RESOLVE, _resolve_kv_pool_class, HookType.AROUND)
+    HookRegistry.register(_RESOLVE_CONFIG, _resolve_memory_pool_config, HookType.AROUND)
+    HookRegistry.register(_RESOLVE_CLASS, _resolve_kv_pool_class, HookType.AROUND)

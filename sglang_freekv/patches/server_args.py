@@ -21,6 +21,7 @@ manager then refuses a prompt, or a prompt + ``max_new_tokens``, beyond it with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -30,22 +31,27 @@ from typing import Any
 
 from sglang_freekv.config import (
     ENV_CONFIG,
+    ENV_INNER_BACKEND,
     ENV_POLICY,
+    INNER_BACKENDS,
     KV_POLICIES,
     FreeKVConfig,
     FreeKVConfigError,
 )
+from sglang_freekv.sizing import cgroup_memory_available, host_tier_bytes
 
 logger = logging.getLogger(__name__)
 
 _ADD = "sglang.srt.server_args.ServerArgs.add_cli_args"
 _FROM = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _SCHED = "sglang.srt.managers.scheduler.Scheduler.__init__"
+TARGETS = (_ADD, _FROM, _SCHED)
 
 POLICY_ATTR = "_freekv_policy"
-DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds `budget` device rows
+# Running requests on the CPU platform without a simulated device memory (RAM is the
+# "device"; each running request holds `budget` rows of every sparse layer).
+CPU_MAX_RUNNING_REQUESTS = 32
 DEFAULT_MEM_FRACTION = 0.8  # --mem-fraction-static under FreeKV unless given
-HOST_FRACTION = 0.4  # share of free RAM the host tier takes when host_memory_gb is null
 CONFIG_ATTR = "_freekv_config"
 
 
@@ -106,7 +112,7 @@ def resolve_policy(policy: str, config_json: str | None, model_path: str | None)
     return config.to_json()
 
 
-def _bytes_per_token(model_path: str | None, dtype: str) -> int | None:
+def _bytes_per_token(model_path: str | None, dtype: str | None) -> int | None:
     """Host-tier bytes of one token over all layers and KV heads (None if unknown)."""
     if not model_path or not (Path(model_path) / "config.json").is_file():
         return None
@@ -137,8 +143,7 @@ def _context_length(args: argparse.Namespace) -> int | None:
     return int(value) if value else None
 
 
-def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
-    """Launcher-side settings the FreeKV serving path needs (one line each, no surprises)."""
+def _refuse_unsupported(args: argparse.Namespace) -> None:
     for flag, bad in (("speculative_algorithm", None), ("enable_dp_attention", False),
                       ("enable_mixed_chunk", False)):
         value = getattr(args, flag, bad)
@@ -150,11 +155,40 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
     if (getattr(args, "pp_size", 1) or 1) > 1:
         raise FreeKVConfigError("freekv-config: --pp-size: pipeline parallelism is not "
                                 "supported with --kv-policy freekv")
-    backend = getattr(args, "attention_backend", None)
-    if backend not in (None, "freekv"):
+    kv_dtype = str(getattr(args, "kv_cache_dtype", None) or "auto")
+    if kv_dtype.startswith(("fp8", "fp4", "int")):
         raise FreeKVConfigError(
-            f"freekv-config: --attention-backend={backend}: --kv-policy freekv brings its own "
-            "attention backend; drop the flag")
+            f"freekv-config: --kv-cache-dtype={kv_dtype}: FreeKV keeps KV in the model dtype "
+            "(quantized KV caches are not supported); drop the flag")
+    for flag in ("prefill_attention_backend", "decode_attention_backend"):
+        value = getattr(args, flag, None)
+        if value not in (None, "freekv"):
+            raise FreeKVConfigError(
+                f"freekv-config: --{flag.replace('_', '-')}={value}: FreeKV wraps one backend "
+                f"for prefill and decode; use --attention-backend "
+                f"{{{','.join(INNER_BACKENDS)}}}")
+    backend = getattr(args, "attention_backend", None)
+    if backend not in (None, "freekv", *INNER_BACKENDS):
+        raise FreeKVConfigError(
+            f"freekv-config: --attention-backend={backend}: FreeKV decodes through SGLang's "
+            f"{', '.join(INNER_BACKENDS)} backends; pick one of them or drop the flag")
+
+
+def _resolve_host_tier(config: FreeKVConfig) -> tuple[FreeKVConfig, str]:
+    """The config with ``host_memory_gb`` resolved to GiB (every rank uses the same), and a
+    phrase naming the limit that set it."""
+    import psutil
+
+    host_bytes, source = host_tier_bytes(
+        config.host_memory_gb, free_ram=int(psutil.virtual_memory().available),
+        cgroup_available=cgroup_memory_available())
+    return dataclasses.replace(config, host_memory_gb=round(host_bytes / 2**30, 6)), source
+
+
+def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> FreeKVConfig:
+    """Launcher-side settings the FreeKV serving path needs (one line each, no surprises).
+    Returns the config with the host tier resolved."""
+    _refuse_unsupported(args)
     if config.speculative_job == "step":
         from sglang_freekv.platform import cpu_platform_wanted
 
@@ -162,6 +196,11 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
             raise FreeKVConfigError(
                 'freekv-config: speculative_job="step": is implemented for CPU engines only; '
                 'use "auto" or "layer" on GPUs')
+    backend = getattr(args, "attention_backend", None)
+    if backend in INNER_BACKENDS:
+        os.environ[ENV_INNER_BACKEND] = backend
+    else:
+        os.environ.pop(ENV_INNER_BACKEND, None)
     args.attention_backend = "freekv"
     args.disable_overlap_schedule = True
     args.disable_cuda_graph = True
@@ -173,19 +212,19 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
     print("freekv: overlap scheduler, CUDA graphs and chunked prefill are off with "
           "--kv-policy freekv (recall and correction synchronise with the host; prompts are "
           "committed to the host tier whole)", file=sys.stderr, flush=True)
-    if getattr(args, "max_running_requests", None) is None:
-        args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+    from sglang_freekv.platform import cpu_platform_wanted, simulated_device_bytes
+
+    if getattr(args, "max_running_requests", None) is None and cpu_platform_wanted() \
+            and simulated_device_bytes() is None:
+        # RAM-backed "device": no device memory to size requests from.
+        args.max_running_requests = CPU_MAX_RUNNING_REQUESTS
+    config, source = _resolve_host_tier(config)
+    host_bytes = int(config.host_memory_gb * 2**30)  # type: ignore[operator]
     per_token = _bytes_per_token(getattr(args, "model_path", None), getattr(args, "dtype", "auto"))
     if per_token is None:
-        return
-    if config.host_memory_gb is not None:
-        host_bytes = int(config.host_memory_gb * 2**30)
-        source = "host_memory_gb"
-    else:
-        import psutil
-
-        host_bytes = int(psutil.virtual_memory().available * HOST_FRACTION)
-        source = f"{int(HOST_FRACTION * 100)}% of free RAM"
+        print(f"freekv: host tier {host_bytes / 2**30:.2f} GiB ({source})", file=sys.stderr,
+              flush=True)
+        return config
     tokens = host_bytes // per_token
     if tokens < config.budget:
         raise FreeKVConfigError(
@@ -203,17 +242,16 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> None:
               f"tokens, fewer than the model context ({context}): serving with "
               f"--context-length {tokens}; longer requests get HTTP 400", file=sys.stderr,
               flush=True)
-    current = getattr(args, "max_total_tokens", None)
-    if current is None:
-        from sglang_freekv.platform import _max_total_tokens_default, cpu_platform_wanted
+    if getattr(args, "max_total_tokens", None) is None:
+        from sglang_freekv.platform import max_total_tokens_default
 
-        if cpu_platform_wanted():  # the CPU platform's pool cap applies to the host tier too
-            current = _max_total_tokens_default()
-    args.max_total_tokens = tokens if current is None else min(current, tokens)
-    used = args.max_total_tokens * per_token
-    print(f"freekv: host tier {used / 2**30:.2f} GiB for max_total_tokens="
-          f"{args.max_total_tokens} (limit {host_bytes / 2**30:.2f} GiB: {source})",
-          file=sys.stderr, flush=True)
+        cap = max_total_tokens_default() if cpu_platform_wanted() else None
+        if cap is not None:  # the CPU platform's pool cap applies to the host tier too
+            args.max_total_tokens = cap
+    print(f"freekv: host tier {host_bytes / 2**30:.2f} GiB, up to {tokens} tokens ({source}); "
+          "logical tokens and running requests are sized from it and the device memory at "
+          "start-up (see the 'device plan' line)", file=sys.stderr, flush=True)
+    return config
 
 
 def from_cli_args(orig: Any, cls: type, args: argparse.Namespace) -> Any:
@@ -224,7 +262,7 @@ def from_cli_args(orig: Any, cls: type, args: argparse.Namespace) -> Any:
     try:
         resolved = resolve_policy(policy, config_json, getattr(args, "model_path", None))
         if resolved is not None:
-            apply_freekv_args(args, FreeKVConfig.from_json(resolved))
+            resolved = apply_freekv_args(args, FreeKVConfig.from_json(resolved)).to_json()
     except FreeKVConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -2,8 +2,9 @@
 
 Each test runs a speculative decode with the CPU worker's debug hooks widening the race
 window, and checks the selection rule (b) / slot content (c) or the attention output.
-It passes with the protection and is shown to FAIL with the protection removed
-(``cache.debug_unsafe`` / ``debug_set_workers``), so removing a protection breaks it.
+It passes with the protection and is shown to FAIL with the protection removed (the test
+replaces the protecting method of the cache, or the recall worker, from outside), so removing
+a protection breaks it.
 The per-layer job (the GPU design) is tested for every race; the per-step job (the CPU
 default) for the races it has: 5 (attention fences), 6 (persistent q) and 7 (the Future).
 """
@@ -35,6 +36,25 @@ def _worker_sleep(point: str, seconds: float) -> Callable[[str], None]:
     return hook
 
 
+def _unprotect(dec: ReferenceDecoder, race: int) -> None:
+    """Remove the protection of ``race`` from the decoder's cache, from outside."""
+    cache = dec.cache
+    if race == 5:
+        cache._scatter_fence = lambda attn_done: None  # type: ignore[method-assign]
+    elif race == 6:  # select with the engine's reused q buffer, by batch position
+        cache._job_query = lambda layer, q, plan, rows_j, jr: (  # type: ignore[method-assign]
+            q, jr if jr is not None else torch.arange(plan.bs, device=q.device))
+    elif race == 7:  # forget the job without waiting its Future
+        cache._wait_job = lambda layer: cache._jobs.pop(layer, None)  # type: ignore[method-assign]
+    elif race == 8:  # two workers instead of one ordered worker
+        eng = cache.recall
+        eng.wait_all()
+        eng._executor.shutdown(wait=True)
+        eng._executor = eng._new_executor(2)
+    elif race == 9:  # read the shared flags buffer later instead of a snapshot
+        cache._job_head_mask = lambda step, pick: (None, step.flags)  # type: ignore[method-assign]
+
+
 def _run(dec: ReferenceDecoder, steps: int, *, late: float | None = None,
          check: bool = True) -> None:
     rows = [dec.add_request(n) for n in (150, 183, 230)]
@@ -62,7 +82,7 @@ def test_race5_scatter_waits_attention(unsafe: bool, job: str) -> None:
     """(5) The speculative scatter must not overwrite slots a running attention reads."""
     dec = _decoder(job=job)
     if unsafe:
-        dec.cache.debug_unsafe.add("no_attn_done")
+        _unprotect(dec, 5)
     if unsafe:
         with pytest.raises(AssertionError, match="under a running attention"):
             _run(dec, 8, late=0.03, check=False)
@@ -76,9 +96,9 @@ def test_race6_selection_reads_persistent_q(unsafe: bool, job: str) -> None:
     """(6) The job selects with the persistent last_q, not the engine's reused q buffer
     (the step job has no unsafe mode: it only ever reads last_q)."""
     dec = _decoder(reuse_q_buffer=True, job=job)
-    dec.cache.recall.debug_hook = _worker_sleep("job_start", 0.02)
+    dec.cache.recall._checkpoint = _worker_sleep("job_start", 0.02)  # type: ignore[method-assign]
     if unsafe:
-        dec.cache.debug_unsafe.add("shared_q")
+        _unprotect(dec, 6)
         with pytest.raises(AssertionError):
             _run(dec, 10)
     else:
@@ -90,9 +110,9 @@ def test_race6_selection_reads_persistent_q(unsafe: bool, job: str) -> None:
 def test_race7_wait_job_future_before_event(unsafe: bool, job: str) -> None:
     """(7) before_attention waits the job (Future, then event): no stale slots attended."""
     dec = _decoder(job=job)
-    dec.cache.recall.debug_hook = _worker_sleep("job_start", 0.03)
+    dec.cache.recall._checkpoint = _worker_sleep("job_start", 0.03)  # type: ignore[method-assign]
     if unsafe:
-        dec.cache.debug_unsafe.add("no_wait_future")
+        _unprotect(dec, 7)
         with pytest.raises(AssertionError):
             _run(dec, 10)
     else:
@@ -103,9 +123,9 @@ def test_race7_wait_job_future_before_event(unsafe: bool, job: str) -> None:
 def test_race8_layers_do_not_share_staging(unsafe: bool) -> None:
     """(8) Two layers' jobs in flight: each scatters its own layer's data."""
     dec = _decoder()
-    dec.cache.recall.debug_hook = _worker_sleep("gathered", 0.01)
+    dec.cache.recall._checkpoint = _worker_sleep("gathered", 0.01)  # type: ignore[method-assign]
     if unsafe:
-        dec.cache.recall.debug_set_workers(2)
+        _unprotect(dec, 8)
         with pytest.raises(AssertionError):
             _run(dec, 10)
     else:
@@ -117,9 +137,9 @@ def test_race9_flags_snapshot_per_job(unsafe: bool) -> None:
     """(9) The job's head mask is a snapshot: the next layer's flags must not leak in."""
     # sigma 0.5 => cos ~ tau: about half the heads corrected, differently per layer.
     dec = _decoder(tau=0.8, q_noise=(0.5,))
-    dec.cache.recall.debug_hook = _worker_sleep("job_start", 0.02)
+    dec.cache.recall._checkpoint = _worker_sleep("job_start", 0.02)  # type: ignore[method-assign]
     if unsafe:
-        dec.cache.debug_unsafe.add("no_flag_snapshot")
+        _unprotect(dec, 9)
         with pytest.raises(AssertionError):
             _run(dec, 12)
     else:

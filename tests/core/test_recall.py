@@ -69,7 +69,7 @@ def test_async_jobs_run_in_order(device: str) -> None:
     pool, kb, vb, eng = _setup(device)
     order: list[int] = []
     points: list[str] = []
-    eng.debug_hook = points.append
+    eng._checkpoint = points.append  # type: ignore[method-assign]
     futs = []
     for layer in (0, 1, 0):
         host_ids, head, dst = _blocks(5, layer)

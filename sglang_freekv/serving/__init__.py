@@ -1,0 +1,21 @@
+"""FreeKV's serving core: engine-facing logic on logical token ids (imports no sglang).
+
+``rows`` (device row layout and allocators), ``tokens`` (logical id -> host slot map for
+prefix sharing) and ``core`` (:class:`FreeKVServing`, the plan/run API the SGLang adapters in
+``sglang_freekv.patches`` call).
+"""
+
+from sglang_freekv.serving.core import ExtendStep, FreeKVServing, FreeKVStagingFull, ServingUsage
+from sglang_freekv.serving.rows import BudgetSlots, DeviceRows, StagingRows
+from sglang_freekv.serving.tokens import TokenMap
+
+__all__ = [
+    "BudgetSlots",
+    "DeviceRows",
+    "ExtendStep",
+    "FreeKVServing",
+    "FreeKVStagingFull",
+    "ServingUsage",
+    "StagingRows",
+    "TokenMap",
+]

@@ -1,0 +1,392 @@
+"""FreeKVServing: FreeKV's serving logic for an engine with logical token ids (no sglang).
+
+A serving engine (SGLang) names every token's KV by a *logical id* and keeps per request row
+the ids of its tokens (``req_to_token``). Under FreeKV the sparse layers have no row per
+logical id: a prompt being prefilled is *staged* in staging rows; after prefill it is
+*committed* (written through to the host tier, digests built, sink/window/first middle pages
+copied into the request's budget slots) and its staging rows are returned; each decode step
+attends over the budget rows only. Dense layers keep the engine's own full-size buffers.
+
+API (plan once per forward, run once per layer; each returns what the engine's attention
+backend needs):
+
+* extend: :meth:`plan_extend` (stage new tokens and matched prefixes) -> per sparse layer
+  :meth:`write_extend` + attention over ``ExtendStep.table`` -> :meth:`commit_extend` after
+  the last layer;
+* decode: :meth:`plan_decode` (commit any staged request, open host pages, map this step's
+  token) -> per sparse layer :meth:`begin_decode_layer` (token K/V write, wait the
+  speculative job, correction) + attention over ``plan.kv_table`` + :meth:`end_decode_layer`;
+* lifecycle: :meth:`release_rows` (finish, abort, retraction), :meth:`free_token_ids` /
+  :meth:`free_all_tokens` (the engine freed logical ids), :meth:`after_checkpoint` (the
+  radix cache deduplicated a running request's ids).
+
+Accounting invariants (tested in ``tests/core/test_serving.py``): every host page, budget
+chunk and staging row a request holds is returned by :meth:`release_rows`; host pages
+referenced only by mapped logical ids (the radix cache) return when those ids are freed;
+``loc_map`` holds -1 for every id without a staging row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sglang_freekv.cache import FreeKVCache
+from sglang_freekv.config import FreeKVConfig
+from sglang_freekv.plan import FreeKVDecodePlan
+from sglang_freekv.serving.rows import BudgetSlots, DeviceRows, StagingRows
+from sglang_freekv.serving.tokens import TokenMap
+
+__all__ = ["ExtendStep", "FreeKVServing", "FreeKVStagingFull", "ServingUsage"]
+
+logger = logging.getLogger(__name__)
+
+
+class FreeKVStagingFull(RuntimeError):
+    """Prefill staging has fewer free rows than a forward needs (one-line message)."""
+
+
+@dataclass(slots=True)
+class ExtendStep:
+    """Plan of one extend (prefill) forward."""
+
+    # fmt: off
+    req_rows: list[int]              # request rows, batch order
+    seq_lens: list[int]              # prefix + new tokens per request
+    prefix_lens: list[int]           # matched prefix (radix cache) per request
+    out_rows: torch.Tensor           # [num_new] int64, device: staging row of each new token
+    table: torch.Tensor              # [bs, max(seq_lens)] int32, device: rows per position
+    prefix_ids: torch.Tensor | None   # [m] int64 cpu, logical ids of loaded prefixes
+    prefix_rows: torch.Tensor | None  # [m] int64 cpu, their staging rows
+    # fmt: on
+
+
+@dataclass(frozen=True, slots=True)
+class ServingUsage:
+    """Gauges: host pages held by requests in flight, host pages held only by mapped
+    logical ids (the radix cache), device pages (budget slots + staging) in use."""
+
+    host_pages_in_flight: int
+    host_pages_cached: int
+    device_pages: int
+
+
+class FreeKVServing:
+    """Per-rank serving state around one :class:`FreeKVCache` (see module docstring).
+
+    Parameters
+    ----------
+    config : the FreeKV config.
+    rows : the sparse layers' device row layout (budget chunks + staging).
+    k_buffers, v_buffers : per local layer ``[rows, H, D]`` (NHD) device buffers; sparse
+        layers have ``rows.total`` rows, dense layers the engine's full size (unused here).
+    num_qo_heads : query heads of this rank.
+    num_token_ids : logical ids the engine hands out (``req_to_token`` values are below it).
+    num_host_pages : pages of the host tier.
+    max_pages_per_req : longest request in pages (context length / page_size, rounded up).
+    max_req_rows : request rows of the engine (``req_to_token`` rows; a row id is below it).
+    pin_memory : pin the host tier (default: when the buffers are on CUDA).
+    keep_partial_pages : write a released request's partial last page to the host tier
+        (needed when the engine keeps its ids for prefix sharing, i.e. a radix cache).
+    evict : ``evict(num_tokens) -> tokens_evicted``, asks the engine's prefix cache to free
+        logical ids when the host tier runs out of pages (None: no prefix cache).
+    """
+
+    def __init__(
+        self,
+        config: FreeKVConfig,
+        rows: DeviceRows,
+        *,
+        k_buffers: list[torch.Tensor],
+        v_buffers: list[torch.Tensor],
+        num_qo_heads: int,
+        num_token_ids: int,
+        num_host_pages: int,
+        max_pages_per_req: int,
+        max_req_rows: int,
+        pin_memory: bool | None = None,
+        keep_partial_pages: bool = True,
+        evict: Callable[[int], int] | None = None,
+    ) -> None:
+        if rows.budget != config.budget:
+            raise ValueError(f"rows.budget ({rows.budget}) != config.budget ({config.budget})")
+        kb0 = k_buffers[0]
+        self.cfg = config
+        self.rows = rows
+        self.device = kb0.device
+        self.cache = FreeKVCache(
+            config, num_layers=len(k_buffers), num_qo_heads=num_qo_heads,
+            num_kv_heads=kb0.shape[1], head_dim=kb0.shape[2], dtype=kb0.dtype,
+            device=self.device, max_reqs=max_req_rows,
+            max_pages_per_req=max_pages_per_req, num_host_pages=num_host_pages,
+            k_buffers=k_buffers, v_buffers=v_buffers, pin_memory=pin_memory)
+        self.k_buffers, self.v_buffers = k_buffers, v_buffers
+        self.sparse_layers = list(self.cache.sparse_layers)
+        self.slots = BudgetSlots(rows.max_reqs, rows.budget)
+        self.staging = StagingRows(rows.budget_rows, rows.total)
+        self.tokens = TokenMap(num_token_ids, self.cache.host)
+        # loc_map: logical id -> staging row of a token not yet committed (-1 none), device
+        self.loc_map = torch.full((num_token_ids,), -1, dtype=torch.int64, device=self.device)
+        self.keep_partial_pages = keep_partial_pages
+        self.evict = evict
+        self.committed: dict[int, int] = {}  # req row -> first row of its budget chunk
+        self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (ids, rows)
+        self.kv_lens: dict[int, int] = {}  # req row -> tokens with KV (committed rows)
+        self._evict_logged = False
+
+    # ------------------------------------------------------------------ extend
+    def plan_extend(
+        self,
+        req_rows: Sequence[int],
+        seq_lens: Sequence[int],
+        prefix_lens: Sequence[int],
+        out_loc: torch.Tensor,
+        req_to_token: torch.Tensor,
+    ) -> ExtendStep:
+        """Stage one extend forward.
+
+        ``out_loc``: ``[sum(seq_lens - prefix_lens)]`` int, the new tokens' logical ids in
+        batch order (device); ``req_to_token``: ``[rows, max_context]`` int (device), logical
+        ids per request row and position. Raises :class:`FreeKVStagingFull`.
+        """
+        rows_l, lens_l, pref_l = list(req_rows), list(seq_lens), list(prefix_lens)
+        n_new = int(out_loc.numel())
+        if n_new != sum(lens_l) - sum(pref_l):
+            raise ValueError(f"out_loc has {n_new} ids for {sum(lens_l) - sum(pref_l)} new "
+                             "tokens")
+        new_ids = out_loc.to("cpu", torch.int64)
+        staged = self.staging.alloc(n_new)
+        if staged is None:
+            raise FreeKVStagingFull(
+                f"freekv: prefill staging is full ({self.staging.used} of {self.staging.size} "
+                f"rows in use, {n_new} needed); lower --max-prefill-tokens or the number of "
+                "concurrent long prompts")
+        out_rows = staged.to(self.device)
+        self.loc_map[out_loc.to(self.device, torch.int64)] = out_rows
+        start = 0
+        for row, n, m in zip(rows_l, lens_l, pref_l):
+            mine = slice(start, start + n - m)
+            ids, rws = new_ids[mine], staged[mine]
+            prev = self.staged.get(row)
+            if prev is not None:
+                ids, rws = torch.cat([prev[0], ids]), torch.cat([prev[1], rws])
+            self.staged[row] = (ids, rws)
+            start += n - m
+        prefix_ids = prefix_rows = None
+        if any(pref_l):
+            prefix_ids, prefix_rows = self._stage_prefixes(rows_l, pref_l, req_to_token)
+        max_len = max(lens_l) if lens_l else 0
+        idx = torch.tensor(rows_l, dtype=torch.int64, device=req_to_token.device)
+        logical = req_to_token[idx, :max_len].to(self.device, torch.int64)  # [bs, max_len]
+        pos = torch.arange(max_len, device=self.device)[None, :]
+        lens = torch.tensor(lens_l, dtype=torch.int64, device=self.device)[:, None]
+        logical = torch.where(pos < lens, logical, 0)  # positions past a prompt: never read
+        table = self.loc_map[logical].clamp(min=0).to(torch.int32)  # [bs, max_len] rows
+        return ExtendStep(rows_l, lens_l, pref_l, out_rows, table, prefix_ids, prefix_rows)
+
+    def _stage_prefixes(self, rows: list[int], prefix_lens: list[int],
+                        req_to_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load matched prefixes' K/V of every sparse layer from the host tier into staging
+        rows, so prefill attends over them and commit can copy them."""
+        ids = torch.unique(torch.cat([req_to_token[r, :n].to("cpu", torch.int64)
+                                      for r, n in zip(rows, prefix_lens) if n]))
+        slots = self.tokens.slots_of(ids)
+        if bool((slots < 0).any()):
+            raise RuntimeError("freekv: a cached prefix token has no host-tier copy")
+        staged = self.staging.alloc(int(ids.numel()))
+        if staged is None:
+            raise FreeKVStagingFull(f"freekv: prefill staging is full ({self.staging.size} "
+                                    "rows) while loading cached prefixes")
+        dev_rows = staged.to(self.device)
+        for layer in self.sparse_layers:
+            k, v = self.cache.load_tokens(layer, slots)
+            self.k_buffers[layer][dev_rows] = k
+            self.v_buffers[layer][dev_rows] = v
+        self.loc_map[ids.to(self.device)] = dev_rows
+        return ids, staged
+
+    def write_extend(self, layer: int, step: ExtendStep, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """Write the new tokens' K/V (``[num_new, H, D]``) of sparse ``layer`` to staging."""
+        kb, vb = self.k_buffers[layer], self.v_buffers[layer]
+        kb[step.out_rows] = k.to(kb.dtype)
+        vb[step.out_rows] = v.to(vb.dtype)
+
+    def commit_extend(self, step: ExtendStep, req_to_token: torch.Tensor) -> None:
+        """After the last layer of an extend: commit every prompt of the batch (chunked
+        prefill is off under FreeKV, so an extend holds whole prompts) and return the
+        staging rows of loaded prefixes."""
+        try:
+            for row, n, m in zip(step.req_rows, step.seq_lens, step.prefix_lens):
+                self._commit(row, n, m, req_to_token)
+        finally:
+            if step.prefix_ids is not None and step.prefix_rows is not None:
+                self._unstage(step.prefix_ids, step.prefix_rows)
+                step.prefix_ids = step.prefix_rows = None
+
+    def _commit(self, row: int, prompt_len: int, prefix_len: int,
+                req_to_token: torch.Tensor) -> None:
+        if row in self.committed:  # a retracted request comes back
+            self.release_rows([row])
+        logical = req_to_token[row, :prompt_len].to(self.device, torch.int64)
+        prompt_rows = self.loc_map[logical]
+        chunk = self.slots.alloc()
+        if chunk is None:
+            raise RuntimeError(f"freekv: no free budget slots ({self.slots.count} running "
+                               "requests); the scheduler admitted more than "
+                               "max_running_requests")
+        g = self.cache.g
+        try:
+            slot_loc = chunk + torch.arange(g.budget_pages, dtype=torch.int64) * g.page_size
+            self.cache.admit(row, slot_loc)
+            shared = None
+            if prefix_len:
+                full = prefix_len // g.page_size * g.page_size
+                shared = self.tokens.shared_pages(req_to_token[row, :full])
+            n_shared = 0 if shared is None else int(shared.numel())
+            self.ensure_host_pages(-(-prompt_len // g.page_size) - n_shared)
+            self.cache.commit_prefill(row, prompt_len, prompt_rows, shared)
+        except BaseException:
+            self.slots.release(chunk)
+            raise
+        self.tokens.map(logical[prefix_len:],
+                        self.cache.token_host_slots(row, prefix_len, prompt_len))
+        self.kv_lens[row] = prompt_len
+        staged = self.staged.pop(row, None)
+        if staged is not None:
+            self._unstage(*staged)
+        self.committed[row] = chunk
+
+    def _unstage(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Return staging ``rows`` and mark their logical ``ids`` unstaged (-1)."""
+        self.loc_map[ids.to(self.device, torch.int64)] = -1
+        self.staging.release(rows)
+
+    # ------------------------------------------------------------------ decode
+    def plan_decode(
+        self,
+        req_rows: torch.Tensor,
+        seq_lens: torch.Tensor,
+        req_rows_cpu: torch.Tensor,
+        seq_lens_cpu: torch.Tensor,
+        out_loc: torch.Tensor,
+        req_to_token: torch.Tensor,
+    ) -> FreeKVDecodePlan:
+        """Plan one decode step.
+
+        ``req_rows``/``seq_lens``: ``[bs]`` int (device; seq_len includes this step's token),
+        ``*_cpu`` their host copies; ``out_loc``: ``[bs]`` logical ids of this step's tokens.
+        Commits any request still staged, allocates the host page this token opens and maps
+        its logical id to its host slot.
+        """
+        rows_c = req_rows_cpu.to(torch.int64)
+        lens_c = seq_lens_cpu.to(torch.int64)
+        for row, n in zip(rows_c.tolist(), lens_c.tolist()):
+            if row not in self.committed:
+                self._commit(row, n - 1, 0, req_to_token)
+        self.ensure_host_pages(int(rows_c.numel()))  # at most one opened page each
+        plan = self.cache.plan_decode(req_rows, seq_lens, lens_c, rows_c)
+        p = self.cache.g.page_size
+        pos = lens_c - 1
+        page = self.cache.t.host_pages_cpu[rows_c, pos // p].to(torch.int64)
+        self.tokens.map(out_loc, page * p + pos % p)
+        for row, n in zip(plan.rows_list, plan.seq_lens_list):
+            self.kv_lens[row] = n
+        return plan
+
+    def begin_decode_layer(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor,
+                           k: torch.Tensor, v: torch.Tensor) -> None:
+        """Before attention of sparse ``layer``: move the page leaving the window (dense
+        regime), write this token's K/V (``[bs, H, D]``) into its budget row, wait the
+        layer's speculative job and correct drifted heads. ``q``: ``[bs, Hq, D]``."""
+        cache = self.cache
+        kb, vb = self.k_buffers[layer], self.v_buffers[layer]
+        cache.prepare_layer(layer, plan)  # before the write: it may reuse the ring slot
+        kb[plan.token_loc] = k.to(kb.dtype)
+        vb[plan.token_loc] = v.to(vb.dtype)
+        cache.before_attention(layer, plan, q)
+
+    def end_decode_layer(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor) -> None:
+        """After attention of sparse ``layer``: write through completed pages and submit the
+        speculative selection for the next step."""
+        self.cache.after_attention(layer, plan, q)
+
+    # ------------------------------------------------------------------ lifecycle
+    def release_rows(self, rows: Sequence[int]) -> None:
+        """Requests at ``rows`` finished, were aborted or retracted: return their budget
+        chunk, host page references and staging rows."""
+        for row in rows:
+            chunk = self.committed.pop(row, None)
+            kv_len = self.kv_lens.pop(row, None)
+            if chunk is not None:
+                # The engine may keep this request's ids (prefix sharing): its partial last
+                # page must then be readable from the host tier.
+                self.cache.release(row, kv_len if self.keep_partial_pages else None)
+                self.slots.release(chunk)
+            staged = self.staged.pop(row, None)
+            if staged is not None:
+                self._unstage(*staged)
+
+    def free_token_ids(self, ids: torch.Tensor) -> int:
+        """The engine freed logical ``ids``: drop their host page references; returns the
+        host pages freed."""
+        return self.tokens.unmap(ids)
+
+    def free_all_tokens(self) -> int:
+        return self.tokens.unmap_all()
+
+    def after_checkpoint(self, row: int, req_to_token: torch.Tensor) -> None:
+        """The radix cache replaced some of running request ``row``'s ids by the ids of an
+        identical cached prefix (and freed its own): move the request's full pages to the
+        cached copies, so duplicate host pages do not outgrow the host tier."""
+        if row not in self.committed:
+            return
+        p = self.cache.g.page_size
+        full = self.kv_lens.get(row, 0) // p * p
+        shared = self.tokens.shared_pages(req_to_token[row, :full])
+        f = int(shared.numel())
+        if f == 0:
+            return
+        mine = self.cache.t.host_pages_cpu[row, :f].to(torch.int64)
+        diff = torch.nonzero(mine != shared).flatten()
+        self.cache.replace_pages(row, diff, shared[diff])
+
+    def ensure_host_pages(self, n: int) -> None:
+        """Make ``n`` host pages free, asking the engine's prefix cache to evict if needed
+        (cached prefixes hold host pages; the host tier holds ``max_total_tokens`` plus one
+        page per request, so partial cached pages can exhaust it before the token pool)."""
+        host = self.cache.host
+        if host.free_pages >= n:
+            return
+        log = logger.debug if self._evict_logged else logger.info
+        self._evict_logged = True
+        log("freekv: host tier has %d free pages, %d needed: evicting prefix-cache entries "
+            "(logged once at info)", host.free_pages, n)
+        if self.evict is None:
+            return
+        p = self.cache.g.page_size
+        while host.free_pages < n:
+            if self.evict(max(p, (n - host.free_pages) * p)) == 0:
+                break  # nothing evictable: the allocation raises a clear error
+
+    # ------------------------------------------------------------------ gauges
+    def usage(self) -> ServingUsage:
+        tables = self.cache.t.host_pages_cpu[sorted(self.committed)]
+        in_flight = int(torch.unique(tables[tables >= 0]).numel()) if tables.numel() else 0
+        p = self.cache.g.page_size
+        device = len(self.committed) * self.cache.g.budget_pages + -(-self.staging.used // p)
+        return ServingUsage(in_flight, self.cache.host.used_pages - in_flight, device)
+
+    def translate(self, ids: torch.Tensor) -> torch.Tensor:
+        """Staging rows of logical ``ids`` (device int64). Raises if one is not staged (a
+        write through SGLang's generic path to a sparse layer for an unknown id would
+        otherwise land in row -1, the last staging row). Host sync: for the generic path
+        only; the attention backend writes with ``ExtendStep.out_rows``."""
+        rows = self.loc_map[ids.to(self.device, torch.int64)]
+        if rows.numel() and bool((rows < 0).any()):
+            raise RuntimeError("freekv: a KV write to a sparse layer names a logical id that "
+                               "has no staging row")
+        return rows
