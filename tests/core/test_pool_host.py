@@ -80,3 +80,31 @@ def test_write_blocks_cuda_pinned() -> None:
     pool.write_blocks(0, ids, blocks)
     pool.wait_writes()
     assert torch.equal(pool.kv[0, ids], blocks.cpu())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_pinned_tier_is_not_rounded_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's caching host allocator would pin 2x for a size just above a power of two;
+    the tier registers exactly its bytes (in chunks), and writes across chunks land."""
+    from sglang_freekv import pool_host
+
+    monkeypatch.setattr(pool_host, "REGISTER_CHUNK_BYTES", 1 << 20)  # several chunks
+    stats0 = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
+    # 2 layers x 1025 pages x 2 heads x (2 x 16 x 64) fp16 = 16.8 MB: just above 2^24
+    pool = FreeKVHostPool(2, 1025, 2, 16, 64, torch.float16, pin_memory=True)
+    assert pool.kv.is_pinned()
+    assert pool.pinned_bytes == pool.total_bytes  # within 1% of the configured size: exact
+    assert len(pool._ranges) > 2
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0) == stats0
+    ids = torch.arange(0, 1025)  # one run of ids that crosses chunk boundaries
+    blocks = torch.randn(1025, 2, 2, 16, 64, device="cuda").half()
+    pool.write_blocks(1, ids, blocks)
+    pool.wait_writes()
+    assert torch.equal(pool.kv[1], blocks.cpu())
+    per_chunk = pool._pages_per_chunk
+    assert 0 < per_chunk < 1025
+
+
+def test_unpinned_tier_reports_no_pinned_bytes() -> None:
+    pool = _pool()
+    assert pool.pinned_bytes == 0 and pool.total_bytes == pool.kv.numel() * 2
