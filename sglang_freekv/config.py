@@ -75,6 +75,10 @@ class FreeKVConfig:
     # Temperature of the per-head page softmax: scores are multiplied by it before the softmax.
     # None = the attention scale 1/sqrt(head_dim); 1.0 = the public reference's raw avgSM.
     score_scale: float | None = None
+    # Span continuation: a candidate page scores at least span_weight x its predecessor's
+    # score, so a head copying a span across a page boundary keeps the page it reads next
+    # (docs/design.md, "Copying a needle across a page boundary"). 0 = plain FreeKV scores.
+    span_weight: float = 0.5
     dense_layers: tuple[int, ...] = field(default=(0,))  # layers that keep full attention
     host_memory_gb: float | None = None  # host tier size; None = derived from free RAM
 
@@ -112,6 +116,11 @@ class FreeKVConfig:
                 _fail("score_scale", value, "must be a positive number or null")
             if not 0 < float(value) < float("inf"):
                 _fail("score_scale", value, "must be a finite number > 0")
+        value = self.span_weight
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail("span_weight", value, "must be a number in [0, 1]")
+        if not 0.0 <= float(value) <= 1.0:
+            _fail("span_weight", value, "must be in [0, 1]")
         if not isinstance(self.dense_layers, tuple):
             _fail("dense_layers", self.dense_layers, "must be a list of layer ids")
         for layer_id in self.dense_layers:

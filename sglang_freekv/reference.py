@@ -191,16 +191,18 @@ class ReferenceDecoder:
         n_pages = -(-seq_len // g.page_size)
         cand = torch.arange(g.sink_pages, max(g.sink_pages, n_pages - g.window_pages))
         return brute_force_topk(q, self.page_keys(layer, row, cand), cand, g.top_k,
-                                self.cache.score_scale)
+                                self.cache.score_scale, self.cfg.span_weight)
 
 
 def brute_force_topk(
-    q: torch.Tensor, keys: torch.Tensor, pages: torch.Tensor, top_k: int, scale: float = 1.0
+    q: torch.Tensor, keys: torch.Tensor, pages: torch.Tensor, top_k: int, scale: float = 1.0,
+    span_weight: float = 0.0,
 ) -> list[set[int]]:
-    """Quest bound + fp32 softmax over pages per q head + group mean + top-k, per KV head.
+    """Quest bound + fp32 softmax over pages per q head + group mean (+ span continuation:
+    a page scores at least ``span_weight`` x its predecessor) + top-k, per KV head.
 
-    ``q [Hq, D]``, ``keys [c, P, H, D]`` of candidate ``pages [c]``, ``scale`` the softmax
-    temperature; returns H sets.
+    ``q [Hq, D]``, ``keys [c, P, H, D]`` of candidate ``pages [c]`` (consecutive), ``scale``
+    the softmax temperature; returns H sets.
     """
     hq, d = q.shape
     c, _, h, _ = keys.shape
@@ -210,6 +212,9 @@ def brute_force_topk(
     s = torch.maximum(qf[:, :, None, :] * mn.permute(1, 0, 2)[:, None],
                       qf[:, :, None, :] * mx.permute(1, 0, 2)[:, None]).sum(-1)  # [H, G, c]
     score = torch.softmax(s * scale, dim=-1).mean(1)  # [H, c]
+    if span_weight > 0 and c > 1:
+        score = torch.cat([score[:, :1], torch.maximum(score[:, 1:],
+                                                       span_weight * score[:, :-1])], dim=1)
     kk = min(top_k, c)
     idx = torch.topk(score, kk, dim=-1).indices  # [H, kk]
     return [set(pages[idx[i]].tolist()) for i in range(h)]

@@ -27,6 +27,7 @@ def select_batch(
     num_kv_heads: int,
     top_k: int,
     scale: float = 1.0,
+    span_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k pages per (request, KV head) for a ragged batch.
 
@@ -38,6 +39,9 @@ def select_batch(
     cand_start, cand_end : ``[bs]`` int32, candidate pages ``[start, end)``.
     active : ``[bs]`` bool or None; inactive rows get an empty range (all -1 output).
     scale : softmax temperature of the page scores (``FreeKVConfig.score_scale_for``).
+    span_weight : span continuation in [0, 1] (``FreeKVConfig.span_weight``; 0 = off): a
+        candidate page scores at least ``span_weight`` times its predecessor, so the page a
+        head will read next when it copies a span across a page boundary stays selected.
 
     Returns ``(page_indices [bs, H, k] int32 (-1 pad), page_scores [bs, H, k] fp32)``.
     """
@@ -46,7 +50,8 @@ def select_batch(
     if active is not None:
         cand_end = torch.where(active, cand_end, cand_start)  # [bs] int32
     return select_pages(
-        q, digests, page_table, cand_start, cand_end, num_kv_heads, top_k, scale=scale
+        q, digests, page_table, cand_start, cand_end, num_kv_heads, top_k, scale=scale,
+        span_weight=span_weight,
     )
 
 

@@ -12,6 +12,20 @@ the attention scale 1/sqrt(D) by default, the public reference uses 1.0). Withou
 softmax is sqrt(D) times sharper than attention, the group mean is dominated by one query
 head, and the embedded model loses passkeys that exact attention finds.
 
+Span continuation (``span_weight`` = w in [0, 1], ``FreeKVConfig.span_weight``): a candidate
+page whose predecessor ``j - 1`` is also a candidate scores at least w times the
+predecessor's score (not chained: the predecessor's own, unboosted score)::
+
+    final[b, g, j] = max(score[b, g, j], w * score[b, g, j - 1])
+
+A head that reads a span (a number, a name, a quoted line) reads it left to right; when the
+span crosses a page boundary, the page it will read next is the successor of the page it
+reads now, whose own Quest bound can be low (one matching key among 31 others), while the
+speculative query of the previous step points at the predecessor. With w = 0.5 a successor
+enters the top-k only behind a predecessor that scores more than twice the k-th page, i.e.
+one that a head reads strongly (docs/design.md, "Copying a needle across a page boundary").
+``w = 0`` is the plain FreeKV score (then the candidates of a row sum to 1).
+
 Candidates are ``cand_start[b] <= j < cand_end[b]`` with ``page_table[b, j] >= 0``; every
 other position scores ``-inf``.
 
@@ -102,9 +116,11 @@ def _group_softmax_kernel(
     out_ptr,  # [bs, num_kv_heads, max_pages] fp32
     stride_pb,
     max_pages,
+    span_weight,
     GROUP_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    SPAN: tl.constexpr,  # span_weight > 0
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -140,6 +156,17 @@ def _group_softmax_kernel(
                     mask=mask_g[:, None] & cand[None, :], other=float("-inf"))
         p = tl.exp(s - m_safe[:, None]) * inv_l[:, None]  # [BLOCK_G, BLOCK_P]
         score = tl.sum(p, axis=0) / GROUP_SIZE
+        if SPAN:  # the predecessor's (unboosted) score, recomputed from its raw bounds
+            offs_q = offs_j - 1
+            in_q = (offs_q >= cs) & (offs_q < ce) & (offs_q < max_pages) & (offs_q >= 0)
+            host_q = tl.load(pt_ptr + b.to(tl.int64) * stride_pb + offs_q, mask=in_q,
+                             other=-1)
+            cand_q = in_q & (host_q >= 0)
+            s_q = tl.load(raw_ptr + row[:, None] + offs_q[None, :],
+                          mask=mask_g[:, None] & cand_q[None, :], other=float("-inf"))
+            p_q = tl.exp(s_q - m_safe[:, None]) * inv_l[:, None]
+            score_q = tl.sum(p_q, axis=0) / GROUP_SIZE
+            score = tl.where(cand_q, tl.maximum(score, span_weight * score_q), score)
         score = tl.where(cand, score, float("-inf"))
         out = out_ptr + (b.to(tl.int64) * num_kv_heads + g) * max_pages + offs_j
         tl.store(out, score, mask=offs_j < max_pages)
@@ -176,6 +203,23 @@ def _check_scale(scale: float) -> None:
         raise ValueError(f"Invalid value of scale: {scale!r} (must be a finite number > 0)")
 
 
+def _check_span_weight(span_weight: float) -> None:
+    w = span_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+        raise ValueError(f"Invalid value of span_weight: {w!r} (must be a number in [0, 1])")
+
+
+def _span_boost(scores: torch.Tensor, span_weight: float) -> torch.Tensor:
+    """``max(score[j], w * score[j - 1])`` on candidates (finite entries) of ``scores``
+    ``[..., n]`` fp32 (-inf outside the candidates); in place, returned."""
+    if span_weight <= 0.0 or scores.shape[-1] < 2:
+        return scores
+    prev = scores[..., :-1] * span_weight  # [..., n - 1]; -inf stays -inf (w > 0)
+    cur = scores[..., 1:]
+    cur.copy_(torch.where(torch.isinf(cur), cur, torch.maximum(cur, prev)))
+    return scores
+
+
 def score_pages(
     q: torch.Tensor,
     digests: torch.Tensor,
@@ -185,6 +229,7 @@ def score_pages(
     num_kv_heads: int,
     impl: str | None = None,
     scale: float = 1.0,
+    span_weight: float = 0.0,
 ) -> torch.Tensor:
     """Group-consistent page scores (fp32) for every logical page of every request.
 
@@ -209,13 +254,16 @@ def score_pages(
         ``_common.use_triton``), else ``"cpu"`` (:func:`cpu_score_pages`).
     scale : float
         softmax temperature (> 0) applied to the raw bounds (see the module docstring).
+    span_weight : float
+        in ``[0, 1]``: a candidate scores at least ``span_weight`` times its candidate
+        predecessor (span continuation, see the module docstring); 0 = off.
 
     Returns
     -------
     torch.Tensor
         shape ``[bs, num_kv_heads, max_pages]``, fp32, same device; position ``j`` is
-        logical page ``j``; ``-inf`` outside the candidates. The candidates of one
-        (request, KV head) sum to 1 (when there are any).
+        logical page ``j``; ``-inf`` outside the candidates. With ``span_weight == 0`` the
+        candidates of one (request, KV head) sum to 1 (when there are any).
 
     Note
     ----
@@ -223,13 +271,14 @@ def score_pages(
     """
     _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
     _check_scale(scale)
+    _check_span_weight(span_weight)
     path = resolve_impl_cpu(impl, q)
     if path == "cpu":
         return cpu_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads,
-                               scale)
+                               scale, span_weight)
     if path == "ref":
         return ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads,
-                               scale)
+                               scale, span_weight)
     bs, num_qo_heads, head_dim = q.shape
     max_pages = page_table.shape[1]
     group_size = num_qo_heads // num_kv_heads
@@ -253,9 +302,10 @@ def score_pages(
     block_g = next_power_of_2(group_size)
     _group_softmax_kernel[(bs, num_kv_heads)](
         raw, page_table, cand_start, cand_end, out,
-        page_table.stride(0), max_pages,
+        page_table.stride(0), max_pages, float(span_weight),
         GROUP_SIZE=group_size, BLOCK_G=block_g,
         BLOCK_P=max(16, min(next_power_of_2(max_pages), 4096 // block_g, 1024)),
+        SPAN=span_weight > 0,
     )  # fmt: skip
     return out
 
@@ -268,6 +318,7 @@ def cpu_score_pages(
     cand_end: torch.Tensor,
     num_kv_heads: int,
     scale: float = 1.0,
+    span_weight: float = 0.0,
 ) -> torch.Tensor:
     """:func:`score_pages` as batched PyTorch ops (the CPU serving path; any device works).
 
@@ -278,6 +329,7 @@ def cpu_score_pages(
     """
     _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
     _check_scale(scale)
+    _check_span_weight(span_weight)
     bs, num_qo_heads, head_dim = q.shape
     max_pages = page_table.shape[1]
     h, g = num_kv_heads, num_qo_heads // num_kv_heads
@@ -307,6 +359,8 @@ def cpu_score_pages(
     s.masked_fill_(~keep, float("-inf"))
     probs = torch.softmax(s, dim=-1).mean(dim=2)  # [bs, H, w]; NaN where no candidate
     out[:, :, a:b] = probs.masked_fill_(~keep[:, :, 0], float("-inf"))
+    # span continuation over the window (page a - 1 is nobody's candidate)
+    _span_boost(out[:, :, a:b], span_weight)
     return out
 
 
@@ -333,11 +387,12 @@ def select_pages(
     top_k: int,
     impl: str | None = None,
     scale: float = 1.0,
+    span_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``top_k`` logical pages per (request, KV head) by :func:`score_pages`.
 
-    Arguments as in :func:`score_pages` (``impl`` and ``scale`` included), plus ``top_k``
-    (int >= 1).
+    Arguments as in :func:`score_pages` (``impl``, ``scale`` and ``span_weight`` included),
+    plus ``top_k`` (int >= 1).
 
     Returns
     -------
@@ -354,7 +409,7 @@ def select_pages(
     """
     check_positive_int("top_k", top_k)
     scores = score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, impl=impl,
-                         scale=scale)
+                         scale=scale, span_weight=span_weight)
     return _top_k(scores, top_k)
 
 
@@ -366,10 +421,12 @@ def ref_score_pages(
     cand_end: torch.Tensor,
     num_kv_heads: int,
     scale: float = 1.0,
+    span_weight: float = 0.0,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`score_pages` (loops over requests; syncs on CUDA)."""
     _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
     _check_scale(scale)
+    _check_span_weight(span_weight)
     bs, num_qo_heads, head_dim = q.shape
     max_pages = page_table.shape[1]
     group_size = num_qo_heads // num_kv_heads
@@ -389,6 +446,11 @@ def ref_score_pages(
         s = torch.maximum(qb * kmin, qb * kmax).sum(-1)  # [H, G, n_c] Quest upper bound
         probs = torch.softmax(s * scale, dim=-1)  # [H, G, n_c] per query head, over candidates
         out[b, :, pages] = probs.mean(dim=1)  # [H, n_c] group mean
+        if span_weight > 0:  # span continuation: page j inherits w * score of page j - 1
+            row = out[b].clone()  # [H, max_pages] unboosted
+            for j in pages.tolist():
+                if j - 1 >= 0 and torch.isfinite(row[:, j - 1]).all():
+                    out[b, :, j] = torch.maximum(row[:, j], span_weight * row[:, j - 1])
     return out
 
 
@@ -401,8 +463,10 @@ def ref_select_pages(
     num_kv_heads: int,
     top_k: int,
     scale: float = 1.0,
+    span_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of :func:`select_pages`."""
     check_positive_int("top_k", top_k)
-    scores = ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, scale)
+    scores = ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, scale,
+                             span_weight)
     return _top_k(scores, top_k)

@@ -294,3 +294,74 @@ def test_select_gpu_large(dtype: str) -> None:
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-3)
     idx, vals = select_pages(*args, 64)
     _assert_same_selection(idx, vals, ref, 64)
+
+
+# ---------------------------------------------------------------- span continuation
+def _spec_span(scores: torch.Tensor, w: float) -> torch.Tensor:
+    """The span rule one page at a time: max(own, w * unboosted predecessor) on candidates."""
+    out = scores.clone()
+    bs, h, n = scores.shape
+    for b in range(bs):
+        for g in range(h):
+            for j in range(1, n):
+                own, prev = float(scores[b, g, j]), float(scores[b, g, j - 1])
+                if own != float("-inf") and prev != float("-inf"):
+                    out[b, g, j] = max(own, w * prev)
+    return out
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("head_dim", [24, 64], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("group_size", [1, 3, 4, 8], ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("span_weight", [0.5, 1.0], ids=lambda w: f"w{w}")
+def test_span_weight_matches_spec(span_weight: float, group_size: int, head_dim: int,
+                                  dtype: str, device: torch.device) -> None:
+    """Kernel, CPU path and reference agree with the rule applied to the plain scores
+    (holes in the page table and clipped ranges included: a hole breaks a span)."""
+    args = _make_batch(2, group_size, 16, head_dim, DTYPES[dtype], device)
+    plain = ref_score_pages(*args, 2, 0.125)
+    want = _spec_span(plain.cpu(), span_weight)
+    ref = ref_score_pages(*args, 2, 0.125, span_weight)
+    torch.testing.assert_close(ref.cpu(), want, atol=ATOL, rtol=RTOL)
+    for impl in ("triton", "cpu"):
+        out = score_pages(*args, 2, impl=impl, scale=0.125, span_weight=span_weight)
+        assert torch.equal(torch.isinf(out), torch.isinf(ref))
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+        for top_k in (1, 5, MAX_PAGES + 2):
+            idx, vals = select_pages(*args, 2, top_k, impl=impl, scale=0.125,
+                                     span_weight=span_weight)
+            _assert_same_selection(idx, vals, ref, top_k)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpu", "ref"])
+def test_span_weight_keeps_the_successor(impl: str, device: torch.device) -> None:
+    """A head reading page 5 hard (one matching key): with span_weight its successor 6, a
+    page of unrelated keys, joins the top-2; without it another page does."""
+    d, p, pages = 16, 8, 12
+    gen = torch.Generator().manual_seed(0)
+    keys = 0.1 * torch.randn(pages * p, 1, d, generator=gen)
+    q = torch.zeros(1, 1, d)
+    q[0, 0, 0] = 1.0
+    keys[5 * p + 3, 0, 0] = 8.0  # the key the head reads
+    keys[9 * p + 1, 0, 0] = 1.5  # a weaker match elsewhere
+    dg = ref_page_digest(keys, torch.arange(pages) * p, p).to(device)
+    pt = torch.arange(pages, dtype=torch.int32, device=device)[None]
+    cs = torch.tensor([1], dtype=torch.int32, device=device)
+    ce = torch.tensor([pages], dtype=torch.int32, device=device)
+    run = (lambda w: ref_select_pages(q.to(device), dg, pt, cs, ce, 1, 2, 1.0, w)) \
+        if impl == "ref" else (lambda w: select_pages(q.to(device), dg, pt, cs, ce, 1, 2,
+                                                      impl=impl, scale=1.0, span_weight=w))
+    plain, _ = run(0.0)
+    span, _ = run(0.5)
+    assert set(plain[0, 0].tolist()) == {5, 9}
+    assert set(span[0, 0].tolist()) == {5, 6}
+
+
+@pytest.mark.parametrize("w", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_bad_span_weight_is_refused(w: object) -> None:
+    args = _make_batch(2, 3, 16, 8, torch.float32, torch.device("cpu"))
+    for fn in (ref_score_pages, cpu_score_pages):
+        with pytest.raises(ValueError, match="span_weight"):
+            fn(*args, 2, 1.0, w)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="span_weight"):
+        score_pages(*args, 2, impl="triton", span_weight=w)  # type: ignore[arg-type]
