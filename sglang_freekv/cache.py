@@ -322,7 +322,7 @@ class FreeKVCache:
             return
         sel, scores = select_batch(q, self.digests[layer], plan.page_table, plan.cand_start,
                                    plan.cand_end, plan.sparse, h, self.cfg.top_k,
-                                   self.score_scale)
+                                   self.score_scale, span_weight=self.cfg.span_weight)
         step.sel, step.scores = sel, scores
         end = apply_selection(self, layer, plan.req_rows, plan.slot_loc, plan.page_table, sel,
                               scores, buf, mode="sync", before_scatter=None)
@@ -410,7 +410,7 @@ class FreeKVCache:
                     qj = q_src[q_rows]  # [bj, Hq, D]
                     s, sc = select_batch(qj, self.digests[layer], page_table, cand_start,
                                          cand_end, None, self.num_kv_heads, self.cfg.top_k,
-                                         self.score_scale)
+                                         self.score_scale, span_weight=self.cfg.span_weight)
                 if mask is None:
                     mask = ~pick(flags_src) if flags_src is not None else torch.ones(
                         s.shape[:2], dtype=torch.bool, device=s.device)

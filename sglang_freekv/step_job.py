@@ -66,7 +66,7 @@ def run_step_job(cache: FreeKVCache, layers: list[int], inp: StepJobInputs) -> N
     sel, scores = select_batch(
         q.view(nl * bj, hq, d), cache.digests.view(-1, h, 2, d), vpt.view(nl * bj, -1),
         inp.cand_start.repeat(nl), inp.cand_end.repeat(nl), None, h, cache.cfg.top_k,
-        cache.score_scale)  # [nl * bj, H, k]
+        cache.score_scale, span_weight=cache.cfg.span_weight)  # [nl * bj, H, k]
     li, ri = lt[:, None].expand(nl, bj), inp.rows[None, :].expand(nl, bj)  # [nl, bj]
     res = cache.residency[li, ri].view(nl * bj, h, -1)  # [nl * bj, H, k] copy
     mask = torch.ones((nl * bj, h), dtype=torch.bool, device=dev)
