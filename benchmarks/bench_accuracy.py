@@ -141,10 +141,14 @@ def run_config(url: str, cases: list[dict], prompts: list, concurrency: int, des
         outs[i] = generate(url, list(p.input_ids), p.max_new_tokens())
         bar.update(1)
 
-    with ThreadPoolExecutor(concurrency) as pool:
+    pool = ThreadPoolExecutor(concurrency)
+    try:
         list(pool.map(one, first))
         list(pool.map(one, rest))
-    bar.close()
+    finally:
+        # on an error or SIGTERM do not wait for requests in flight: the server is stopped next
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
     return outs
 
 
@@ -237,6 +241,25 @@ def print_tables(configs: list[str], cases: list[dict], scores: dict[str, list[i
     return below
 
 
+def _load_reuse(path: str | None, cases: list[dict], wanted: dict[str, list[str]]
+                ) -> dict[str, tuple[list[str], float]]:
+    """Outputs of configs in an earlier result file whose cases and server args match."""
+    if not path:
+        return {}
+    old = json.loads(Path(path).read_text())
+    keys = ("shape", "haystack", "context", "depth", "split", "values")
+    if [[c[k] for k in keys] for c in old["cases"]] != [[c[k] for k in keys] for c in cases]:
+        print(f"--reuse {path}: different cases, nothing reused", flush=True)
+        return {}
+    out = {}
+    for name, args in wanted.items():
+        if old.get("configs", {}).get(name) == args and all(
+                name in c.get("outputs", {}) for c in old["cases"]):
+            out[name] = ([c["outputs"][name] for c in old["cases"]],
+                         old.get("seconds", {}).get(name, 0.0))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = ap.add_mutually_exclusive_group()
@@ -255,6 +278,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--no-radix-cache", action="store_true")
     ap.add_argument("--freekv-extra", default="{}", help="JSON merged into every FreeKV config")
+    ap.add_argument("--reuse", default=None,
+                    help="JSON of an earlier run: configs found there with the same cases and "
+                    "server arguments are taken from it instead of run again (e.g. dense)")
     ap.add_argument("--tag", default="", help="suffix of the output files (e.g. before)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/bench_accuracy[_TAG].json)")
@@ -339,7 +365,18 @@ def main() -> None:
         for path in write_results(result, out):
             print(f"wrote {path}", flush=True)
 
+    reused = _load_reuse(args.reuse, cases, {
+        n: server_args(n, "MODEL", args.dtype, not args.no_radix_cache, extra)[2:]
+        for n in configs})
+    for name, (outs, secs) in reused.items():
+        outputs[name] = outs
+        scores[name] = [int(exact_match(o, p.values)) for o, p in zip(outs, prompts)]
+        seconds[name] = secs
+        print(f"[{name}] reused from {args.reuse}: score {sum(scores[name]) / len(cases):.3f}",
+              flush=True)
     for name in configs:
+        if name in reused:
+            continue
         t0 = time.perf_counter()
         try:
             with run_server(server_args(name, model, args.dtype, not args.no_radix_cache, extra),
