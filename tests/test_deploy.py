@@ -557,7 +557,7 @@ def dashboard_metric_names() -> set[str]:
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
-    return {m for e in exprs for m in re.findall(r"sglang:[a-z_]+", e)}
+    return {m for e in exprs for m in re.findall(r"sglang:[a-z0-9_]+", e)}
 
 
 def test_dashboard_shows_every_freekv_metric() -> None:
