@@ -16,10 +16,10 @@ sys.meta_path.insert(0, _Block())
 import importlib, pkgutil
 import sglang_freekv
 import sglang_freekv.kernels
-names = [m.name for m in pkgutil.iter_modules(sglang_freekv.__path__)]
-core = [n for n in names if n not in ("patches", "platform")]
+names = [m.name for m in pkgutil.walk_packages(sglang_freekv.__path__, "sglang_freekv.")]
+core = [n for n in names if not n.startswith(("sglang_freekv.patches", "sglang_freekv.platform"))]
 for n in core:
-    importlib.import_module("sglang_freekv." + n)
+    importlib.import_module(n)
 import sglang_freekv.platform as p  # the entry-point module itself imports no sglang
 assert not any(m == "sglang" or m.startswith("sglang.") for m in sys.modules), "sglang leaked"
 print("OK", sorted(core))
