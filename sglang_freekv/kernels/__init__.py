@@ -10,20 +10,25 @@ from __future__ import annotations
 from ._common import next_power_of_2, use_triton
 from .correct import correction_flags, cpu_correction_flags, ref_correction_flags
 from .digest import page_digest, ref_page_digest
+from .direct import backup_direct, recall_direct, ref_backup_direct, ref_recall_direct
 from .scatter import backup_gather, recall_scatter, ref_backup_gather, ref_recall_scatter
 from .select import cpu_score_pages, ref_score_pages, ref_select_pages, score_pages, select_pages
 
 __all__ = [
+    "backup_direct",
     "backup_gather",
     "correction_flags",
     "cpu_correction_flags",
     "cpu_score_pages",
     "next_power_of_2",
     "page_digest",
+    "recall_direct",
     "recall_scatter",
+    "ref_backup_direct",
     "ref_backup_gather",
     "ref_correction_flags",
     "ref_page_digest",
+    "ref_recall_direct",
     "ref_recall_scatter",
     "ref_score_pages",
     "ref_select_pages",
