@@ -10,8 +10,10 @@ SERVE_ARGS ?=
 KV_POLICY ?= freekv
 FREEKV_CONFIG ?=
 PYTEST_ARGS ?=
+# Extra flags for every CPU benchmark, e.g. make bench BENCH_ARGS=--quick
+BENCH_ARGS ?=
 
-.PHONY: install serve test model clean-venv
+.PHONY: install serve test model bench clean-venv
 
 # The stamp is rebuilt when packaging changes; pip then brings the venv up to date.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -36,6 +38,14 @@ serve: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The CPU benchmarks; each writes <name>.json and a <name>.png plot to benchmarks/results/.
+# bench_decode starts real servers (one at a time): ~15 min in full, ~5 with --quick.
+bench: install
+	$(PY) benchmarks/bench_select.py --device cpu $(BENCH_ARGS)
+	$(PY) benchmarks/bench_recall.py --device cpu $(BENCH_ARGS)
+	$(PY) benchmarks/passkey_sim.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_decode.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

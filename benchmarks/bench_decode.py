@@ -22,10 +22,14 @@ the first and the last streamed token (the first includes the prefill; SGLang's
 median over repeats is reported, next to SGLang's own ``meta_info`` timings when present.
 
     python benchmarks/bench_decode.py [--context 6500] [--new-tokens 64] [--quick]
-        [--configs default,freekv,...] [--out benchmarks/results/bench_decode_cpu.json]
+        [--configs default,freekv,...] [--sweep 1500,3000]
+        [--out benchmarks/results/bench_decode_cpu.json]
 
-Prints a table, the bar checks as PASS/FAIL lines (never asserts) and writes JSON (also to
-$OUT/ when OUT is set). Bars (issue item 9): freekv >= 1.3x default at the long context
+``--sweep`` adds contexts measured on every server of the run (rows ``<server>@<tokens>``),
+for the plot of decode tok/s vs context. A progress bar follows each streamed request.
+
+Prints a table, the bar checks as PASS/FAIL lines (never asserts) and writes JSON and a plot
+(decode tok/s vs context per configuration, ``<out>.png``; also to $OUT/ when OUT is set). Bars (issue item 9): freekv >= 1.3x default at the long context
 (target 1.6x), freekv >= freekv_sync, and freekv_short within 5% of default_short.
 """
 
@@ -46,6 +50,8 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
+
+from _results import plot_decode, progress_bar, write_results  # noqa: E402
 
 from tests.helpers import embedded_model_path, run_server  # noqa: E402
 from tests.passkey import build_passkey_prompt  # noqa: E402
@@ -91,7 +97,7 @@ def generate(url: str, input_ids: list[int], new_tokens: int) -> dict:
     return out
 
 
-def stream_generate(url: str, input_ids: list[int], new_tokens: int) -> dict:
+def stream_generate(url: str, input_ids: list[int], new_tokens: int, desc: str = "") -> dict:
     """Streamed greedy request; client clocks at the first and the last token chunk."""
     payload = {
         "input_ids": input_ids,
@@ -101,25 +107,30 @@ def stream_generate(url: str, input_ids: list[int], new_tokens: int) -> dict:
     t0 = time.perf_counter()
     t_first = t_last = None
     last: dict = {}
-    with requests.post(f"{url}/generate", json=payload, stream=True, timeout=3600) as resp:
+    with requests.post(f"{url}/generate", json=payload, stream=True, timeout=3600) as resp, \
+            progress_bar(new_tokens, desc or f"{len(input_ids)} tokens") as bar:
         resp.raise_for_status()
+        done = 0
         for line in resp.iter_lines():
             if not line.startswith(b"data:") or b"[DONE]" in line:
                 continue
             now = time.perf_counter()
             chunk = json.loads(line[5:])
-            if chunk.get("meta_info", {}).get("completion_tokens", 0) >= 1:
+            n = chunk.get("meta_info", {}).get("completion_tokens", 0)
+            if n >= 1:
                 t_first = t_first or now
                 t_last = now
+                bar.update(n - done)
+                done = n
             last = chunk
     return {"meta_info": last.get("meta_info", {}), "text": last.get("text", ""),
             "t_first": (t_first or t0) - t0, "t_last": (t_last or t0) - t0}
 
 
-def measure(url: str, input_ids: list[int], new_tokens: int, repeats: int) -> dict:
+def measure(url: str, input_ids: list[int], new_tokens: int, repeats: int, name: str) -> dict:
     runs = []
-    for _ in range(repeats):
-        out = stream_generate(url, input_ids, new_tokens)
+    for i in range(repeats):
+        out = stream_generate(url, input_ids, new_tokens, f"{name} run {i + 1}/{repeats}")
         meta = out["meta_info"]
         n = int(meta["completion_tokens"])
         ttft, total = out["t_first"], out["t_last"]
@@ -174,9 +185,17 @@ def main() -> None:
                     help=f"comma-separated subset of {','.join(CONFIGS)}")
     ap.add_argument("--dtype", default="float32",
                     help="model dtype (float32 is faster than bf16 on CPUs without bf16)")
+    ap.add_argument("--sweep", default="",
+                    help="extra prompt lengths (comma-separated tokens) measured on every "
+                         "server of the run, for the context plot")
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/bench_decode_cpu.json"))
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/bench_decode_cpu.json, "
+                         "bench_decode_cpu_quick.json with --quick); the plot goes next to it")
     args = ap.parse_args()
+    if args.out is None:
+        stem = "bench_decode_cpu_quick" if args.quick else "bench_decode_cpu"
+        args.out = str(REPO / "benchmarks" / "results" / f"{stem}.json")
     # SIGTERM unwinds like Ctrl-C, so every server started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
@@ -186,12 +205,28 @@ def main() -> None:
     unknown = [c for c in wanted if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    try:
+        sweep = sorted({int(t) for t in args.sweep.split(",") if t.strip()})
+    except ValueError:
+        ap.error(f"--sweep: comma-separated token counts, got {args.sweep!r}")
+    if any(t < 200 or t > 8000 for t in sweep):
+        ap.error(f"--sweep: prompt lengths must be in [200, 8000] (the model's context is "
+                 f"8192), got {sweep}")
+    configs = dict(CONFIGS)
+    servers = {CONFIGS[n][0] for n in wanted}
+    for tokens in sweep:
+        for key in sorted(servers):
+            name = f"{key}@{tokens}"
+            configs[name] = (key, f"sweep{tokens}")
+            wanted.append(name)
 
     model = embedded_model_path()
     prompts = {
         "long": build_passkey_prompt(model, args.context, depth=0.5, seed=1),
         "short": build_passkey_prompt(model, args.short_context, depth=0.5, seed=1),
     }
+    for tokens in sweep:
+        prompts[f"sweep{tokens}"] = build_passkey_prompt(model, tokens, depth=0.5, seed=1)
     warm = build_passkey_prompt(model, 200, depth=0.5, seed=2)
     print(f"prompts: long {prompts['long'].n_tokens} tokens, short {prompts['short'].n_tokens}"
           f" tokens; {args.new_tokens} new tokens; dtype {args.dtype}; tp {args.tp}", flush=True)
@@ -231,6 +266,7 @@ def main() -> None:
             "short_context": args.short_context,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
+            "sweep": sweep,
             "freekv_config": BUDGET_CFG,
             "method": "decode tok/s = (completion_tokens - 1) / (t_last_token - t_first_token), "
                       "client clocks on a streamed /generate",
@@ -239,17 +275,14 @@ def main() -> None:
             "errors": errors,
         }
         out = Path(args.out)
-        out_paths = [out]
-        if os.environ.get("OUT"):
-            out_paths.append(Path(os.environ["OUT"]) / out.name)
-        for path in out_paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"wrote {path}")
-
+        subtitle = (f"SmolLM2-135M {args.dtype}, {os.cpu_count()} CPUs, TP{args.tp}, "
+                    f"{args.new_tokens} new tokens x {args.repeats} runs"
+                    + (" (--quick)" if args.quick else ""))
+        write_results(out.stem, result, out_dir=out.parent,
+                      plot=lambda: plot_decode(result["rows"], subtitle=subtitle))
 
     for key in SERVER_ORDER:
-        names = [n for n in wanted if CONFIGS[n][0] == key]
+        names = [n for n in wanted if configs[n][0] == key]
         if not names:
             continue
         t0 = time.perf_counter()
@@ -259,8 +292,9 @@ def main() -> None:
                 print(f"[{key}] server up in {time.perf_counter() - t0:.0f}s", flush=True)
                 generate(server.url, list(warm.input_ids), 8)  # warm-up
                 for name in names:
-                    p = prompts[CONFIGS[name][1]]
-                    res = measure(server.url, list(p.input_ids), args.new_tokens, args.repeats)
+                    p = prompts[configs[name][1]]
+                    res = measure(server.url, list(p.input_ids), args.new_tokens, args.repeats,
+                                  name)
                     rows[name] = {"config": name, "server": key, "context": p.n_tokens,
                                   "args": server_args(key, "M", args.dtype, args.tp)[2:], **res}
                     r0 = res["runs"][0]

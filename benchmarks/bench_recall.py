@@ -11,14 +11,13 @@ Figures (bytes moved = recalled K+V payload, GB/s = 1e9 B/s):
 Bars (CUDA): hnd_recall_2buf >= 70% of h2d_pinned and >= 5x nhd_rows.
 
 Usage: python benchmarks/bench_recall.py [--device cpu|cuda] [--quick]
-Writes benchmarks/results/bench_recall_<device>.json (and $OUT/ when set).
+Writes benchmarks/results/bench_recall_<device>[_quick].{json,png} (GB/s per path; and $OUT/
+when set).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,17 +27,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _results import plot_recall, progress, write_results  # noqa: E402
+
 from sglang_freekv.pool_host import FreeKVHostPool  # noqa: E402
 from sglang_freekv.recall import FreeKVRecallEngine  # noqa: E402
 
 
-def _timeit(fn: Callable[[], None], device: torch.device, iters: int) -> float:
-    """Median seconds of ``fn`` over ``iters`` runs after one warm-up."""
+def _timeit(fn: Callable[[], None], device: torch.device, iters: int, desc: str) -> float:
+    """Median seconds of ``fn`` over ``iters`` runs after one warm-up (progress bar ``desc``)."""
     fn()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     times = []
-    for _ in range(iters):
+    for _ in progress(range(iters), desc=desc):
         t0 = time.perf_counter()
         fn()
         sync()
@@ -78,7 +79,7 @@ def run(device: torch.device, quick: bool) -> dict[str, object]:
             if ev is not None:
                 torch.cuda.current_stream().wait_event(ev)
 
-        t = _timeit(recall, device, iters)
+        t = _timeit(recall, device, iters, f"hnd_recall_{ns}buf")
         gbps[f"hnd_recall_{ns}buf"] = n_blocks * block_bytes / t / 1e9
         eng.close()
     staging = torch.empty(n_blocks, 2, p, d, dtype=dtype, device=device)
@@ -88,7 +89,7 @@ def run(device: torch.device, quick: bool) -> dict[str, object]:
         for i in range(n_blocks):  # one contiguous copy per (page, head)
             staging[i].copy_(pool.kv[0, ids_list[i], heads_list[i]], non_blocking=True)
 
-    gbps["hnd_block_memcpy"] = n_blocks * block_bytes / _timeit(block_memcpy, device, iters) / 1e9
+    gbps["hnd_block_memcpy"] = n_blocks * block_bytes / _timeit(block_memcpy, device, iters, "hnd_block_memcpy") / 1e9
     # NHD host layout: [pages, P, H, D] per K and V; 2*P rows of D per (page, head).
     k_nhd = torch.empty(num_pages, p, h, d, dtype=dtype, pin_memory=cuda)
     v_nhd = torch.empty(num_pages, p, h, d, dtype=dtype, pin_memory=cuda)
@@ -102,11 +103,12 @@ def run(device: torch.device, quick: bool) -> dict[str, object]:
                 staging[i, 0, t].copy_(k_nhd[pg, t, hd], non_blocking=True)
                 staging[i, 1, t].copy_(v_nhd[pg, t, hd], non_blocking=True)
 
-    gbps["nhd_rows"] = n_rows_blocks * block_bytes / _timeit(nhd_rows, device, iters) / 1e9
+    gbps["nhd_rows"] = n_rows_blocks * block_bytes / _timeit(nhd_rows, device, iters, "nhd_rows") / 1e9
     if cuda:
         big = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
         dev_big = torch.empty_like(big, device=device)
-        t = _timeit(lambda: dev_big.copy_(big, non_blocking=True), device, iters)
+        t = _timeit(lambda: dev_big.copy_(big, non_blocking=True), device, iters,
+                    "h2d_pinned")
         gbps["h2d_pinned"] = big.numel() / t / 1e9
         res["bar_hnd_vs_h2d"] = gbps["hnd_recall_2buf"] / gbps["h2d_pinned"]
         res["bar_ok"] = bool(res["bar_hnd_vs_h2d"] >= 0.7 and
@@ -139,14 +141,10 @@ def main() -> None:
           f"{res['two_over_one_buf']:.2f}x" +
           (f"; HND / pinned H2D: {res['bar_hnd_vs_h2d']:.0%} (bar ok: {res['bar_ok']})"
            if "bar_ok" in res else ""))
-    name = f"bench_recall_{device.type}.json"
-    outs = [Path(__file__).resolve().parent / "results"]
-    if os.environ.get("OUT"):
-        outs.append(Path(os.environ["OUT"]))
-    for out in outs:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(json.dumps(res, indent=2))
-    print(f"wrote {', '.join(str(o / name) for o in outs)}")
+    subtitle = (f"{device.type}, {res['block_bytes']} B (page, head) blocks, "
+                f"{res['blocks_per_recall']} blocks per recall")
+    write_results(f"bench_recall_{device.type}" + ("_quick" if args.quick else ""), res,
+                  plot=lambda: plot_recall(res["gbps"], subtitle=subtitle))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ reference as the baseline; on CPU the reference path is timed on a smaller grid.
 
     python benchmarks/bench_select.py [--device auto|cpu|cuda] [--quick]
 
-Prints a table (context, batch, ms per layer, digest GB/s) and writes JSON to
-benchmarks/results/bench_select_<device>.json (and to $OUT/ when OUT is set).
+Prints a table (context, batch, ms per layer, digest GB/s) and writes JSON and a plot (ms
+per layer vs context) to benchmarks/results/bench_select_<device>[_quick].{json,png} (and to
+$OUT/ when OUT is set).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from _results import plot_select, progress, write_results  # noqa: E402
 
 from sglang_freekv.kernels import select_pages  # noqa: E402
 
@@ -114,19 +116,19 @@ def main() -> None:
     print(f"select_pages on {dev_name}: H={NUM_KV_HEADS} Hq={NUM_QO_HEADS} D={HEAD_DIM} "
           f"P={PAGE_SIZE} top_k={TOP_K} bf16")
     print(header)
-    for context in sorted(set(contexts)):
-        for bs in BATCHES:
-            inputs, nbytes = _problem(context, bs, device)
-            ms = timer(lambda: select_pages(*inputs, impl=impl), warmup, iters)
-            row: dict[str, object] = dict(context=context, batch=bs, impl=impl, ms=ms,
-                                          gbps=nbytes / ms / 1e6)
-            line = f"{context:>8} {bs:>5} {impl:>6} {ms:>10.4f} {nbytes / ms / 1e6:>8.2f}"
-            if dev_name == "cuda":
-                ref_ms = timer(lambda: select_pages(*inputs, impl="ref"), 1, 3)
-                row.update(ref_ms=ref_ms, speedup=ref_ms / ms)
-                line += f" {ref_ms:>9.3f} {ref_ms / ms:>8.1f}"
-            rows.append(row)
-            print(line, flush=True)
+    grid = [(context, bs) for context in sorted(set(contexts)) for bs in BATCHES]
+    for context, bs in progress(grid, desc="select_pages"):
+        inputs, nbytes = _problem(context, bs, device)
+        ms = timer(lambda: select_pages(*inputs, impl=impl), warmup, iters)
+        row: dict[str, object] = dict(context=context, batch=bs, impl=impl, ms=ms,
+                                      gbps=nbytes / ms / 1e6)
+        line = f"{context:>8} {bs:>5} {impl:>6} {ms:>10.4f} {nbytes / ms / 1e6:>8.2f}"
+        if dev_name == "cuda":
+            ref_ms = timer(lambda: select_pages(*inputs, impl="ref"), 1, 3)
+            row.update(ref_ms=ref_ms, speedup=ref_ms / ms)
+            line += f" {ref_ms:>9.3f} {ref_ms / ms:>8.1f}"
+        rows.append(row)
+        print(line, flush=True)
 
     result: dict[str, object] = dict(
         device=torch.cuda.get_device_name() if dev_name == "cuda" else "cpu",
@@ -144,14 +146,9 @@ def main() -> None:
     else:
         print("128K x batch 8 not in this grid (run on CUDA for the 1 ms check)")
 
-    name = f"bench_select_{dev_name}.json"
-    out_dirs = [Path(__file__).resolve().parent / "results"]
-    if os.environ.get("OUT"):
-        out_dirs.append(Path(os.environ["OUT"]))
-    for out_dir in out_dirs:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out_dir / name}")
+    subtitle = f"{result['device']}, H={NUM_KV_HEADS} Hq={NUM_QO_HEADS} D={HEAD_DIM} top-k={TOP_K}"
+    write_results(f"bench_select_{dev_name}" + ("_quick" if args.quick else ""), result,
+                  plot=lambda: plot_select(rows, subtitle=subtitle))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ reference) it reproduces the server's wrong answers token for token; with the de
 1/sqrt(head_dim) it finds every key dense attention finds.
 
     .venv/bin/python benchmarks/passkey_sim.py --score-scale 1 --cases 1,3
+
+Writes benchmarks/results/passkey_sim_<mode>.{json,png} (found/missed per context and depth;
+and $OUT/ when set). ``--quick`` runs cases 0 and 4 only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
+
+from _results import plot_passkey, progress, write_results  # noqa: E402
 
 from tests.passkey import build_passkey_prompt  # noqa: E402
 
@@ -92,7 +97,14 @@ def main() -> None:
                     help="page-softmax temperature (default 1/sqrt(head_dim))")
     ap.add_argument("--cases", default="0,1,2,3,4,5", help="indices into CASES")
     ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="cases 0 and 4 only (~3K and ~5K)")
     args = ap.parse_args()
+    if args.quick:
+        args.cases = "0,4"
+    try:
+        picked = [CASES[int(i)] for i in args.cases.split(",")]
+    except (ValueError, IndexError):
+        ap.error(f"--cases: comma-separated indices in 0..{len(CASES) - 1}, got {args.cases!r}")
 
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
@@ -104,8 +116,8 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  attn_implementation="freekv_sim").eval()
     found = 0
-    picked = [CASES[int(i)] for i in args.cases.split(",")]
-    for n, depth, seed in picked:
+    rows: list[dict[str, object]] = []
+    for n, depth, seed in progress(picked, desc=f"passkey {args.mode}"):
         p = build_passkey_prompt(model_path, n, depth, seed=seed)
         ids = torch.tensor([p.input_ids])
         with torch.no_grad():
@@ -113,11 +125,20 @@ def main() -> None:
                                  pad_token_id=tok.eos_token_id)
         text = tok.decode(out[0, ids.shape[1]:])
         found += p.key in text
+        rows.append({"n_tokens": p.n_tokens, "depth": depth, "seed": seed, "key": p.key,
+                     "found": p.key in text, "text": text})
         print(f"{p.n_tokens:5d} tokens depth {depth:.2f} key {p.key}: "
               f"{'found' if p.key in text else 'MISSED'} {text!r}", flush=True)
-    print(f"{args.mode} budget {args.budget} (sink {args.sink}, window {args.window}, "
-          f"P {args.page_size}) score_scale {args.score_scale or '1/sqrt(D)'}: "
-          f"{found}/{len(picked)} keys")
+    setting = (f"{args.mode} budget {args.budget} (sink {args.sink}, window {args.window}, "
+               f"P {args.page_size}) score_scale {args.score_scale or '1/sqrt(D)'}")
+    print(f"{setting}: {found}/{len(picked)} keys")
+    result = {"benchmark": "passkey_sim", "model": "SmolLM2-135M-Instruct", "dtype": "float32",
+              "mode": args.mode, "page_size": args.page_size, "budget": args.budget,
+              "sink": args.sink, "window": args.window, "dense_layers": args.dense_layers,
+              "score_scale": args.score_scale, "new_tokens": args.new_tokens,
+              "found": found, "cases": rows}
+    write_results(f"passkey_sim_{args.mode}", result,
+                  plot=lambda: plot_passkey(rows, subtitle=f"{setting}: {found}/{len(rows)}"))
 
 
 if __name__ == "__main__":
