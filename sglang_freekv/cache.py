@@ -102,8 +102,10 @@ class FreeKVCache:
         # fmt: off
         self.residency = torch.full((num_layers, max_reqs, h, k), -1, dtype=torch.int32,
                                     device=dev)  # [L, max_reqs, H, k] logical page per slot
-        self.digests = torch.zeros((num_layers, num_host_pages, h, 2, head_dim), dtype=dtype,
-                                   device=dev)  # [L, host pages, H, 2, D] min/max of keys
+        # [L, host pages + 1, H, 2, D] min/max of keys; the last page is a sink that masked
+        # device-side writes (the sync-free step) target instead of skipping
+        self.digests = torch.zeros((num_layers, num_host_pages + 1, h, 2, head_dim),
+                                   dtype=dtype, device=dev)
         self.last_q = torch.zeros((num_layers, max_reqs, num_qo_heads, head_dim), dtype=dtype,
                                   device=dev)  # [L, max_reqs, Hq, D] q of the previous step
         # host: per layer and request row, the seq_len the last speculative job served (-1)

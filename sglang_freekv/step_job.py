@@ -5,7 +5,7 @@ Why: the per-layer job does the same ~50 small tensor ops once per layer; a CPU 
 ~5-60 us per op whatever its size, so 30 layers cost ~40 ms per step of worker time that
 competes with the model for two cores. Here the layers are folded into the batch: virtual
 request ``v = i * bj + b`` is layer ``layers[i]`` of job row ``b``. Its page table points
-into the layer's block of the flattened digests (``layer * num_host_pages + page``), so one
+into the layer's block of the flattened digests (``layer * digest_rows + page``), so one
 ``select_batch`` and one ``residency_diff`` serve every layer, and the host blocks of all
 layers are gathered per layer with the recall engine.
 
@@ -57,7 +57,7 @@ def run_step_job(cache: FreeKVCache, layers: list[int], inp: StepJobInputs) -> N
         return
     dev = cache.device
     h, hq, d = cache.num_kv_heads, cache.num_qo_heads, cache.head_dim
-    nhp = cache.host.num_pages
+    nhp = cache.digests.shape[1]  # digest rows per layer (host pages + the sink)
     lt = torch.tensor(layers, dtype=torch.int64, device=dev)  # [nl]
     q = cache.last_q.index_select(0, lt).index_select(1, inp.rows)  # [nl, bj, Hq, D]
     pt = inp.page_table.to(torch.int64)  # [bj, max_pages]

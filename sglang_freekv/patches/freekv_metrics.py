@@ -2,7 +2,7 @@
 
 SGLang sets PROMETHEUS_MULTIPROC_DIR before spawning schedulers, so metrics created in a
 scheduler process are aggregated by the HTTP server. Counters are fed with deltas of
-``FreeKVCache.stats()`` once per forward and on every release; gauges use the
+``FreeKVServing.stats()`` once per forward and on every release; gauges use the
 ``mostrecent`` multiprocess mode so an idle server reads 0.
 """
 
@@ -57,7 +57,7 @@ class FreeKVMetrics:
         """Push the serving core's counters (deltas) and usage gauges."""
         if not self.counters:
             return
-        stats = serving.cache.stats()
+        stats = serving.stats()
         for key, counter in self.counters.items():
             value = int(stats[key])
             delta = value - self.last.get(key, 0)

@@ -120,7 +120,7 @@ def pool_class(base: type) -> type:
             # One budget chunk per running request (+1: a request finishing while the next
             # one commits within the same step).
             self.rows = DeviceRows(budget=cfg.budget, max_reqs=plan.max_running_requests + 1,
-                                   staging_rows=plan.staging_rows)
+                                   staging_rows=plan.staging_rows, page_size=cfg.page_size)
             super().__init__(size, *args, **kwargs)
             self.serving: FreeKVServing | None = None
             ACTIVE["pool"] = self
@@ -161,7 +161,7 @@ def pool_class(base: type) -> type:
             rows_full = self.size + self.page_size
             self.k_buffer, self.v_buffer = [], []
             for i in range(self.layer_num):
-                rows = rows_full if i in self.dense_local else self.rows.total
+                rows = rows_full if i in self.dense_local else self.rows.buffer_rows
                 buf = torch.zeros((2, rows, self.head_num, self.head_dim),
                                   dtype=self.store_dtype, device=self.device)
                 assert self.v_head_dim == self.head_dim

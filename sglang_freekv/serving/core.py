@@ -36,11 +36,24 @@ import torch
 
 from sglang_freekv.cache import FreeKVCache
 from sglang_freekv.config import FreeKVConfig
+from sglang_freekv.device_step import (
+    STAT_CHECKED,
+    STAT_CORRECTED,
+    STAT_RECALLED,
+    DeviceDecodePlan,
+    FreeKVDeviceStep,
+)
 from sglang_freekv.plan import FreeKVDecodePlan
 from sglang_freekv.serving.rows import BudgetSlots, DeviceRows, StagingRows
 from sglang_freekv.serving.tokens import TokenMap
 
-__all__ = ["ExtendStep", "FreeKVServing", "FreeKVStagingFull", "ServingUsage"]
+__all__ = ["DECODE_STEPS", "DecodePlan", "ExtendStep", "FreeKVServing", "FreeKVStagingFull",
+           "ServingUsage"]
+
+DecodePlan = FreeKVDecodePlan | DeviceDecodePlan
+# "host": the host-driven step (CPU engines); "device": the sync-free, graph-capturable step
+# on fixed-size device buffers (GPUs); "auto": device on CUDA, host elsewhere.
+DECODE_STEPS = ("auto", "host", "device")
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +95,7 @@ class FreeKVServing:
     config : the FreeKV config.
     rows : the sparse layers' device row layout (budget chunks + staging).
     k_buffers, v_buffers : per local layer ``[rows, H, D]`` (NHD) device buffers; sparse
-        layers have ``rows.total`` rows, dense layers the engine's full size (unused here).
+        layers have ``rows.buffer_rows`` rows, dense layers the engine's full size (unused).
     num_qo_heads : query heads of this rank.
     num_token_ids : logical ids the engine hands out (``req_to_token`` values are below it).
     num_host_pages : pages of the host tier.
@@ -93,6 +106,9 @@ class FreeKVServing:
         (needed when the engine keeps its ids for prefix sharing, i.e. a radix cache).
     evict : ``evict(num_tokens) -> tokens_evicted``, asks the engine's prefix cache to free
         logical ids when the host tier runs out of pages (None: no prefix cache).
+    decode_step : ``DECODE_STEPS``: which decode step runs (see ``device_step.py``).
+    max_bs : lanes of the device step (default ``rows.max_reqs``; the largest captured batch
+        size under CUDA graphs).
     """
 
     def __init__(
@@ -110,7 +126,11 @@ class FreeKVServing:
         pin_memory: bool | None = None,
         keep_partial_pages: bool = True,
         evict: Callable[[int], int] | None = None,
+        decode_step: str = "auto",
+        max_bs: int | None = None,
     ) -> None:
+        if decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step={decode_step!r}: must be one of {DECODE_STEPS}")
         if rows.budget != config.budget:
             raise ValueError(f"rows.budget ({rows.budget}) != config.budget ({config.budget})")
         kb0 = k_buffers[0]
@@ -125,6 +145,15 @@ class FreeKVServing:
             k_buffers=k_buffers, v_buffers=v_buffers, pin_memory=pin_memory)
         self.k_buffers, self.v_buffers = k_buffers, v_buffers
         self.sparse_layers = list(self.cache.sparse_layers)
+        if decode_step == "auto":
+            decode_step = "device" if self.device.type == "cuda" else "host"
+        self.device_step: FreeKVDeviceStep | None = None
+        if decode_step == "device":
+            if kb0.shape[0] < rows.buffer_rows:
+                raise ValueError(f"the device step needs {rows.buffer_rows} rows per sparse "
+                                 f"layer (scratch rows included), got {kb0.shape[0]}")
+            self.device_step = FreeKVDeviceStep(
+                self.cache, max_bs=max_bs or rows.max_reqs, scratch_row=rows.scratch_row)
         self.slots = BudgetSlots(rows.max_reqs, rows.budget)
         self.staging = StagingRows(rows.budget_rows, rows.total)
         self.tokens = TokenMap(num_token_ids, self.cache.host)
@@ -255,6 +284,8 @@ class FreeKVServing:
         self.tokens.map(logical[prefix_len:],
                         self.cache.token_host_slots(row, prefix_len, prompt_len))
         self.kv_lens[row] = prompt_len
+        if self.device_step is not None:
+            self.device_step.forget(row)
         staged = self.staged.pop(row, None)
         if staged is not None:
             self._unstage(*staged)
@@ -274,13 +305,15 @@ class FreeKVServing:
         seq_lens_cpu: torch.Tensor,
         out_loc: torch.Tensor,
         req_to_token: torch.Tensor,
-    ) -> FreeKVDecodePlan:
-        """Plan one decode step.
+        lanes: int | None = None,
+    ) -> DecodePlan:
+        """Plan one decode step (host work: out of any CUDA graph).
 
         ``req_rows``/``seq_lens``: ``[bs]`` int (device; seq_len includes this step's token),
         ``*_cpu`` their host copies; ``out_loc``: ``[bs]`` logical ids of this step's tokens.
-        Commits any request still staged, allocates the host page this token opens and maps
-        its logical id to its host slot.
+        ``lanes``: lanes the device step runs (graph padding; default ``bs``). Commits any
+        request still staged, allocates the host page this token opens and maps its logical
+        id to its host slot.
         """
         rows_c = req_rows_cpu.to(torch.int64)
         lens_c = seq_lens_cpu.to(torch.int64)
@@ -288,7 +321,11 @@ class FreeKVServing:
             if row not in self.committed:
                 self._commit(row, n - 1, 0, req_to_token)
         self.ensure_host_pages(int(rows_c.numel()))  # at most one opened page each
-        plan = self.cache.plan_decode(req_rows, seq_lens, lens_c, rows_c)
+        plan: DecodePlan
+        if self.device_step is not None:
+            plan = self.device_step.plan(rows_c, lens_c, lanes)
+        else:
+            plan = self.cache.plan_decode(req_rows, seq_lens, lens_c, rows_c)
         p = self.cache.g.page_size
         pos = lens_c - 1
         page = self.cache.t.host_pages_cpu[rows_c, pos // p].to(torch.int64)
@@ -297,11 +334,16 @@ class FreeKVServing:
             self.kv_lens[row] = n
         return plan
 
-    def begin_decode_layer(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor,
+    def begin_decode_layer(self, layer: int, plan: DecodePlan, q: torch.Tensor,
                            k: torch.Tensor, v: torch.Tensor) -> None:
         """Before attention of sparse ``layer``: move the page leaving the window (dense
         regime), write this token's K/V (``[bs, H, D]``) into its budget row, wait the
-        layer's speculative job and correct drifted heads. ``q``: ``[bs, Hq, D]``."""
+        layer's speculative job and correct drifted heads. ``q``: ``[bs, Hq, D]``.
+        Device step: no host sync, graph-capturable."""
+        if isinstance(plan, DeviceDecodePlan):
+            assert self.device_step is not None
+            self.device_step.before_attention(layer, q, k, v)
+            return
         cache = self.cache
         kb, vb = self.k_buffers[layer], self.v_buffers[layer]
         cache.prepare_layer(layer, plan)  # before the write: it may reuse the ring slot
@@ -309,10 +351,27 @@ class FreeKVServing:
         vb[plan.token_loc] = v.to(vb.dtype)
         cache.before_attention(layer, plan, q)
 
-    def end_decode_layer(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor) -> None:
+    def end_decode_layer(self, layer: int, plan: DecodePlan, q: torch.Tensor) -> None:
         """After attention of sparse ``layer``: write through completed pages and submit the
         speculative selection for the next step."""
+        if isinstance(plan, DeviceDecodePlan):
+            assert self.device_step is not None
+            self.device_step.after_attention(layer, q)
+            return
         self.cache.after_attention(layer, plan, q)
+
+    def stats(self) -> dict[str, int]:
+        """Counters (recall_bytes, recalled_pages, checked_heads, corrected_heads) and
+        host_pages_used. Device step: reads its device counters (a host sync; call it out of
+        the decode step, e.g. once per step from the metrics)."""
+        out = {k: int(v) for k, v in self.cache.stats().items() if not isinstance(v, list)}
+        if self.device_step is not None:
+            dev = self.device_step.stats.tolist()  # SYNC: metrics only, out of the step
+            out["checked_heads"] += int(dev[STAT_CHECKED])
+            out["corrected_heads"] += int(dev[STAT_CORRECTED])
+            out["recalled_pages"] += int(dev[STAT_RECALLED])
+            out["recall_bytes"] += int(dev[STAT_RECALLED]) * self.cache.recall.block_bytes
+        return out
 
     # ------------------------------------------------------------------ lifecycle
     def release_rows(self, rows: Sequence[int]) -> None:
@@ -326,6 +385,8 @@ class FreeKVServing:
                 # page must then be readable from the host tier.
                 self.cache.release(row, kv_len if self.keep_partial_pages else None)
                 self.slots.release(chunk)
+                if self.device_step is not None:
+                    self.device_step.forget(row)
             staged = self.staged.pop(row, None)
             if staged is not None:
                 self._unstage(*staged)

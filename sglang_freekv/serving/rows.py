@@ -4,7 +4,8 @@ Every sparse layer's ``k_buffer`` / ``v_buffer`` has :attr:`DeviceRows.total` ro
 ``[0, budget_rows)`` are the budget slots, one chunk of ``budget`` contiguous rows per
 running request (its ``budget_pages`` slots of ``page_size`` rows); ``[budget_rows, total)``
 hold prompts being prefilled (and matched prefixes loaded from the host tier) until their
-first decode step. The same row ids serve every sparse layer. Both allocators keep their
+first decode step; the last ``page_size`` rows (``scratch_row`` on) are scratch that padded
+lanes of the device step write and read. The same row ids serve every sparse layer. Both allocators keep their
 state on the host: handing rows out never touches the device.
 """
 
@@ -24,6 +25,7 @@ class DeviceRows:
     budget: int  # rows per running request (sink + retrieved + window)
     max_reqs: int  # budget chunks (one per request row that may run)
     staging_rows: int  # prefill staging rows
+    page_size: int  # scratch rows after the staging rows
 
     @property
     def budget_rows(self) -> int:
@@ -31,7 +33,17 @@ class DeviceRows:
 
     @property
     def total(self) -> int:
+        """End of the staging rows (= ``scratch_row``)."""
         return self.budget_rows + self.staging_rows
+
+    @property
+    def scratch_row(self) -> int:
+        return self.total
+
+    @property
+    def buffer_rows(self) -> int:
+        """Rows of each sparse layer's buffer (budget + staging + scratch)."""
+        return self.total + self.page_size
 
 
 class StagingRows:

@@ -8,6 +8,9 @@ references, ``loc_map``) and the data the attention backend will read.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import pytest
 import torch
 
@@ -24,10 +27,12 @@ class Engine:
     """Logical ids, request rows and the dense truth of every token's K/V."""
 
     def __init__(self, *, k: int = 2, staging: int = 96, keep_partial: bool = True,
-                 evict: bool = False, host_pages: int = 64) -> None:
-        self.cfg = make_cfg(P, k=k, sink=1, window=2)
-        self.rows = DeviceRows(budget=self.cfg.budget, max_reqs=3, staging_rows=staging)
-        shape_sparse = (self.rows.total, H, D)
+                 evict: bool = False, host_pages: int = 64, decode_step: str = "host",
+                 tau: float | None = 0.8, max_reqs: int = 3) -> None:
+        self.cfg = make_cfg(P, k=k, sink=1, window=2, tau=tau)
+        self.rows = DeviceRows(budget=self.cfg.budget, max_reqs=max_reqs, staging_rows=staging,
+                               page_size=P)
+        shape_sparse = (self.rows.buffer_rows, H, D)
         shapes = [(NUM_IDS, H, D)] + [shape_sparse] * (L - 1)
         self.kb = [torch.zeros(s) for s in shapes]
         self.vb = [torch.zeros(s) for s in shapes]
@@ -36,13 +41,14 @@ class Engine:
             self.cfg, self.rows, k_buffers=self.kb, v_buffers=self.vb, num_qo_heads=HQ,
             num_token_ids=NUM_IDS, num_host_pages=host_pages, max_pages_per_req=CTX // P,
             max_req_rows=MAX_ROWS, keep_partial_pages=keep_partial,
-            evict=self._evict if evict else None)
+            evict=self._evict if evict else None, decode_step=decode_step)
         self.r2t = torch.zeros((MAX_ROWS, CTX), dtype=torch.int32)
         self.free_ids = list(range(NUM_IDS - 1, 0, -1))  # id 0 is SGLang's padding id
         self.truth_k = torch.randn(L, NUM_IDS, H, D)
         self.truth_v = torch.randn(L, NUM_IDS, H, D)
         self.lens: dict[int, int] = {}
         self.cached: list[int] = []  # ids a "radix cache" keeps after a request ends
+        self.bases: dict[int, torch.Tensor] = {}  # per request: query base [L, HQ, D]
 
     def _evict(self, num_tokens: int) -> int:
         n = min(num_tokens, len(self.cached))
@@ -76,7 +82,11 @@ class Engine:
                                       self.truth_v[layer, out_loc])
         return step
 
-    def decode(self, rows: list[int]):
+    def decode(self, rows: list[int], guard: Any = None, outputs: list | None = None,
+               q_noise: float = 0.3):
+        """One decode step of ``rows``; ``guard``: a context manager entered around the
+        step's per-layer work; ``outputs``: gets each sparse layer's attention output over
+        the budget table. Queries drift around a per-request base (some heads corrected)."""
         n = [self.lens[r] + 1 for r in rows]
         loc = self.alloc(len(rows))
         for r, nn, i in zip(rows, n, loc.tolist()):
@@ -84,16 +94,28 @@ class Engine:
             self.lens[r] = nn
         rows_t, n_t = torch.tensor(rows), torch.tensor(n)
         plan = self.serving.plan_decode(rows_t, n_t, rows_t, n_t, loc, self.r2t)
-        q = torch.randn(len(rows), HQ, D)
-        for layer in range(1, L):
-            self.serving.begin_decode_layer(layer, plan, q, self.truth_k[layer, loc],
-                                            self.truth_v[layer, loc])
-            self.serving.end_decode_layer(layer, plan, q)
+        base = torch.stack([self._base(r) for r in rows])  # [bs, L, HQ, D]
+        qs = [base[:, layer] + q_noise * torch.randn(len(rows), HQ, D) for layer in range(L)]
+        kv = [(self.truth_k[layer, loc], self.truth_v[layer, loc]) for layer in range(L)]
+        with guard if guard is not None else contextlib.nullcontext():
+            for layer in range(1, L):
+                q = qs[layer]
+                self.serving.begin_decode_layer(layer, plan, q, *kv[layer])
+                if outputs is not None:
+                    outputs.append(_budget_attention(q, self.kb[layer], self.vb[layer],
+                                                     plan.kv_table, plan.kv_lens))
+                self.serving.end_decode_layer(layer, plan, q)
         return plan
+
+    def _base(self, row: int) -> torch.Tensor:
+        if row not in self.bases:
+            self.bases[row] = torch.randn(L, HQ, D)
+        return self.bases[row]
 
     def finish(self, row: int, cache_ids: bool) -> None:
         ids = self.r2t[row, :self.lens[row]].to(torch.int64)
         self.serving.release_rows([row])
+        self.bases.pop(row, None)
         if cache_ids:
             self.cached.extend(ids.tolist())
         else:
@@ -107,6 +129,21 @@ class Engine:
         ids = self.r2t[step.req_rows[b], :n].to(torch.int64)
         assert torch.equal(self.kb[layer][rows], self.truth_k[layer, ids])
         assert torch.equal(self.vb[layer][rows], self.truth_v[layer, ids])
+
+
+def _budget_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
+                      table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Attention of ``q [bs, HQ, D]`` over each request's first ``lens[b]`` table rows,
+    without host syncs (padded to the table width with a mask), fp32."""
+    bs, width = table.shape
+    rows = table.to(torch.int64)  # [bs, width]
+    k, v = kb[rows].float(), vb[rows].float()  # [bs, width, H, D]
+    qf = q.float().view(bs, H, HQ // H, D)
+    s = torch.einsum("bhgd,bwhd->bhgw", qf, k) * D**-0.5
+    mask = torch.arange(width)[None, :] < lens.to(torch.int64)[:, None]  # [bs, width]
+    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    o = torch.einsum("bhgw,bwhd->bhgd", torch.softmax(s, dim=-1), v)
+    return o.reshape(bs, HQ, D)
 
 
 def _idle(e: Engine) -> None:
