@@ -333,8 +333,8 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="bench_accuracy_"))
     t_all = time.perf_counter()
 
-    def report() -> None:
-        below = print_tables(list(configs), cases, scores)
+    def report(final: bool = True) -> None:
+        below = print_tables(list(configs), cases, scores) if final else []
         plots = {}
         for name in scores:
             path = plot_heatmap(name, cases, scores[name],
@@ -363,7 +363,8 @@ def main() -> None:
                       for i, c in enumerate(cases)],
         }
         for path in write_results(result, out):
-            print(f"wrote {path}", flush=True)
+            if final:
+                print(f"wrote {path}", flush=True)
 
     reused = _load_reuse(args.reuse, cases, {
         n: server_args(n, "MODEL", args.dtype, not args.no_radix_cache, extra)[2:]
@@ -392,6 +393,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - a failed configuration is reported
             print(f"[{name}] FAILED: {str(exc)[-1500:]}", flush=True)
             errors[name] = str(exc)[-4000:]
+        report(final=False)  # partial results on disk after every config
     seconds["total"] = time.perf_counter() - t_all
     report()
     print(f"total {seconds['total'] / 60:.1f} min", flush=True)

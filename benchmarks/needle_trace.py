@@ -40,7 +40,7 @@ class Tracer:
     """FreeKV's per-(layer, KV head) residency over an HF decode, with a trace per step."""
 
     def __init__(self, args: argparse.Namespace, needle_pages: list[int], extra: dict) -> None:
-        self.a = args
+        self.a = argparse.Namespace(**vars(args))
         p = args.page_size
         self.p, self.ns, self.nw = p, args.sink // p, args.window // p
         self.k = args.budget // p - self.ns - self.nw
@@ -144,6 +144,93 @@ class Tracer:
         return self.select(q, kk, nxt)[0]
 
 
+def _decode(model, cache, first: int, n_new: int) -> list[int]:  # type: ignore[no-untyped-def]
+    """Greedy decode of ``n_new`` tokens from a prefilled cache (its last token not fed)."""
+    out, tok = [], first
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache,
+                           use_cache=True).logits
+            tok = int(logits[0, -1].argmax())
+            out.append(tok)
+    return out
+
+
+def tail_misses(trace: list[dict], tail: int, heavy: float = 0.1) -> str:
+    """Over the decode: (layer, KV head, step) triples whose exact attention mass on the
+    needle's tail page is >= ``heavy`` while the page is not resident ("miss"), of them the
+    ones whose q_t selection would have had it ("q_t"), and the largest missed mass."""
+    miss = qt = 0
+    worst = 0.0
+    for st in trace:
+        for e in st["layers"].values():
+            if not e or "resident" not in e or tail not in e["mass"]:
+                continue
+            for x, m in enumerate(e["mass"][tail]):
+                if m >= heavy and not e["resident"][tail][x]:
+                    miss += 1
+                    qt += e["rank_now"][x][tail] >= 0
+                    worst = max(worst, m)
+    return f"[miss {miss} q_t {qt} max {worst:.2f}]"
+
+
+def scan(args: argparse.Namespace) -> None:
+    """One prefill per case, then dense and each FreeKV variant decode from a copy of it."""
+    import copy
+
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    from sglang_freekv.models import prepare
+
+    model_path = str(prepare("smollm2"))
+    tok = AutoTokenizer.from_pretrained(model_path)
+    box: dict = {}
+
+    def attention(*a, **kw):  # type: ignore[no-untyped-def]
+        return box["tracer"].attention(*a, **kw)
+
+    AttentionInterface.register("freekv_scan", attention)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, args.dtype), attn_implementation="freekv_scan").eval()
+    variants = json.loads(args.variants)
+    rows = []
+    for depth in [float(x) for x in args.depths.split(",")]:
+        for split in args.splits.split(","):
+            for seed in [int(x) for x in args.seeds.split(",")]:
+                sp = None if split == "none" else split
+                prompt = build_needle_prompt(model_path, args.context, depth, args.shape,
+                                             args.haystack, sp, seed=seed,
+                                             page_size=args.page_size)
+                pages = sorted({pg for pp in prompt.pages(args.page_size) for pg in pp})
+                dense_args = argparse.Namespace(**{**vars(args), "mode": "dense"})
+                box["tracer"] = Tracer(dense_args, pages, {})
+                ids = list(prompt.input_ids)
+                with torch.no_grad():
+                    pre = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
+                res = {}
+                for name, v in [("dense", None)] + list(variants.items()):
+                    if v is None:
+                        box["tracer"] = Tracer(dense_args, pages, {})
+                    else:
+                        va = argparse.Namespace(**{**vars(args), "mode": "freekv",
+                                                   **{k: x for k, x in v.items()
+                                                      if k != "select"}})
+                        box["tracer"] = Tracer(va, pages, v.get("select", {}))
+                    new = _decode(model, copy.deepcopy(pre.past_key_values), ids[-1],
+                                  prompt.max_new_tokens())
+                    text = tok.decode(new)
+                    res[name] = (exact_match(text, prompt.values), text,
+                                 tail_misses(box["tracer"].trace, pages[-1]))
+                rows.append((depth, split, seed, prompt.value_spans[0], pages, res))
+                print(f"depth {depth:.2f} {split:>4} seed {seed} span {prompt.value_spans[0]} "
+                      f"pages {pages}: " + " | ".join(
+                          f"{n} {'ok' if ok else 'WRONG'} {t.strip()[:12]!r} {m}"
+                          for n, (ok, t, m) in res.items()), flush=True)
+    names = ["dense"] + list(variants)
+    print("scores: " + ", ".join(f"{n} {sum(r[5][n][0] for r in rows)}/{len(rows)}"
+                                 for n in names))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=("freekv", "dense"), default="freekv")
@@ -165,7 +252,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None, help="write the trace here")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--scan", action="store_true",
+                    help="no trace: score dense and --variants over --depths x --splits x "
+                    "--seeds, one prefill per case")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--splits", default="none,tail")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--variants", default='{"spec": {"select": {"span_weight": 0}}, '
+                    '"sync": {"sync": true, "select": {"span_weight": 0}}}',
+                    help="JSON name -> {tracer option overrides, select: select_batch kwargs}")
     args = ap.parse_args()
+    if args.scan:
+        scan(args)
+        return
 
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
@@ -200,7 +299,8 @@ def main() -> None:
             for layer, e in st["layers"].items():
                 if e is None or "resident" not in e:
                     continue
-                miss = [f"p{pg}h{x}(m{e['mass'][pg][x]:.2f},r{e['rank_now'][x][pg]})"
+                miss = [f"p{pg}h{x}(m{e['mass'][pg][x]:.2f},r{e['rank_now'][x][pg]},"
+                        f"c{e['cos'][x]:.2f}{',corr' if e['flags'][x] else ''})"
                         for pg in pages for x in range(len(e["flags"]))
                         if not e["resident"][pg][x] and e["mass"][pg][x] >= 0.05]
                 if miss:
