@@ -29,8 +29,9 @@ median over repeats is reported, next to SGLang's own ``meta_info`` timings when
 for the plot of decode tok/s vs context. A progress bar follows each streamed request.
 
 Prints a table, the bar checks as PASS/FAIL lines (never asserts) and writes JSON and a plot
-(decode tok/s vs context per configuration, ``<out>.png``; also to $OUT/ when OUT is set). Bars (issue item 9): freekv >= 1.3x default at the long context
-(target 1.6x), freekv >= freekv_sync, and freekv_short within 5% of default_short.
+(decode tok/s vs context per configuration, ``<out>.png``; also to $OUT/ when OUT is set).
+Bars (issue item 9): freekv >= 1.3x default at the long context (target 1.6x), freekv >=
+freekv_sync, and freekv_short within 5% of default_short.
 """
 
 from __future__ import annotations

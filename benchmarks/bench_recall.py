@@ -89,7 +89,8 @@ def run(device: torch.device, quick: bool) -> dict[str, object]:
         for i in range(n_blocks):  # one contiguous copy per (page, head)
             staging[i].copy_(pool.kv[0, ids_list[i], heads_list[i]], non_blocking=True)
 
-    gbps["hnd_block_memcpy"] = n_blocks * block_bytes / _timeit(block_memcpy, device, iters, "hnd_block_memcpy") / 1e9
+    t = _timeit(block_memcpy, device, iters, "hnd_block_memcpy")
+    gbps["hnd_block_memcpy"] = n_blocks * block_bytes / t / 1e9
     # NHD host layout: [pages, P, H, D] per K and V; 2*P rows of D per (page, head).
     k_nhd = torch.empty(num_pages, p, h, d, dtype=dtype, pin_memory=cuda)
     v_nhd = torch.empty(num_pages, p, h, d, dtype=dtype, pin_memory=cuda)
@@ -103,7 +104,8 @@ def run(device: torch.device, quick: bool) -> dict[str, object]:
                 staging[i, 0, t].copy_(k_nhd[pg, t, hd], non_blocking=True)
                 staging[i, 1, t].copy_(v_nhd[pg, t, hd], non_blocking=True)
 
-    gbps["nhd_rows"] = n_rows_blocks * block_bytes / _timeit(nhd_rows, device, iters, "nhd_rows") / 1e9
+    gbps["nhd_rows"] = n_rows_blocks * block_bytes / _timeit(nhd_rows, device, iters,
+                                                               "nhd_rows") / 1e9
     if cuda:
         big = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
         dev_big = torch.empty_like(big, device=device)

@@ -57,7 +57,7 @@ def ask_document(s, document: str, questions: tuple[tuple[str, str], ...]):  # t
     # have run (SGLang 0.5.23's frontend): read the text first, which waits for them.
     s.text()
     branches = s.fork(len(questions))
-    for branch, (question, answer_start) in zip(branches, questions):
+    for branch, (question, answer_start) in zip(branches, questions, strict=True):
         branch += f"{question} {answer_start}"
         branch += sgl.gen("answer", max_tokens=12, stop=["\n"], temperature=0)
     # Reading a branch's variable waits for it; the branches run concurrently meanwhile.
@@ -102,7 +102,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     connect(args.url)
     result = run(args.tokens, args.depth)
-    for (question, _), answer, cached, prompt in zip(QUESTIONS, result.answers,
-                                                     result.cached_tokens, result.prompt_tokens):
+    rows = zip(QUESTIONS, result.answers, result.cached_tokens, result.prompt_tokens, strict=True)
+    for (question, _), answer, cached, prompt in rows:
         print(f"{question:<40} {answer!r:<30} ({cached} of {prompt} prompt tokens cached)")
     print(f"pass key {result.key}: {'found' if result.key_found else 'missed'}")

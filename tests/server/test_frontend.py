@@ -16,7 +16,6 @@ import json
 import re
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -76,7 +75,7 @@ def test_long_document_fork_shares_the_prefix_and_finds_the_key(server: Server) 
     assert result.key_found, result
     assert all(a for a in result.answers), result
     # Every branch found the document (committed once by fork) in the radix cache.
-    for cached, prompt in zip(result.cached_tokens, result.prompt_tokens):
+    for cached, prompt in zip(result.cached_tokens, result.prompt_tokens, strict=True):
         assert cached >= prompt - 32, result
     # The answers came from the sparse path: drift checks ran (contexts beyond the budget),
     # and the cached document holds host-tier pages.
