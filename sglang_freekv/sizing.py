@@ -22,8 +22,10 @@ page's digest) and ``t`` the device bytes per logical token (dense-layer rows + 
 3. if the host tier capped ``T``, the bytes left buy more requests:
    ``R = min(R_cap, (A - F - T * t) // r)``; else ``R = R0``.
 
-A user's ``max_running_requests`` replaces step 1; a user's ``max_total_tokens`` caps ``T``.
-Whatever is left after the plan is not reserved.
+Every running request keeps one spare host page (its partial last page), and ``R`` stays small
+enough that one whole-context request fits the host tier. A user's ``max_running_requests``
+replaces step 1; a user's ``max_total_tokens`` caps ``T``. Whatever is left after the plan is
+not reserved.
 """
 
 from __future__ import annotations
@@ -207,14 +209,18 @@ def plan_device_memory(
         dev_t = (spare - r * per_req) // per_token // p * p
         return int(min(host_t, dev_t)), host_t <= dev_t
 
+    # Requests the host tier allows while one whole-context request still fits in it (every
+    # running request keeps one spare host page for its partial last page).
+    host_cap = max(1, host_pages - -(-context_len // p))
     if max_running_requests is not None:
         r = max(1, int(max_running_requests))
     else:
-        r = int(min(max_running_cap, max(1, spare // (per_req + context_len * per_token))))
+        r = int(min(max_running_cap, host_cap,
+                    max(1, spare // (per_req + context_len * per_token))))
     t, host_bound = tokens_for(r)
     if max_running_requests is None and host_bound:
         # The host tier caps the logical tokens: spend the device bytes left on requests.
-        r = int(min(max_running_cap, max(r, (spare - t * per_token) // per_req)))
+        r = int(min(max_running_cap, host_cap, max(r, (spare - t * per_token) // per_req)))
         t, _ = tokens_for(r)
     if t < budget:
         raise FreeKVSizingError(

@@ -100,8 +100,9 @@ def test_host_tier_smaller_than_one_budget_is_refused() -> None:
 
 
 def test_host_tier_smaller_than_the_context_caps_the_context() -> None:
-    """0.1 GiB holds 2330 float32 tokens of SmolLM2's KV (46080 B each) < its 8192 context:
-    the launcher serves a 2330-token context, so SGLang refuses longer requests itself (the
+    """0.1 GiB holds 72 pages of 32 float32 tokens of SmolLM2's KV (46080 B each); one stays
+    spare for a running request's partial page: 2272 tokens < its 8192 context, so the
+    launcher serves a 2272-token context, so SGLang refuses longer requests itself (the
     logical token pool is sized from the host tier in each scheduler: see test_sizing)."""
     probe = PROBE.replace("print(clone._freekv_policy, clone._freekv_config, "
                           'os.environ.get("SGLANG_FREEKV_CONFIG"))',
@@ -113,7 +114,7 @@ def test_host_tier_smaller_than_the_context_caps_the_context() -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    tier = int(0.1 * 2**30) // (2 * 30 * 3 * 64 * 4)
+    tier = (int(0.1 * 2**30) // (2 * 30 * 3 * 64 * 4 * 32) - 1) * 32
     assert out.stdout.strip().splitlines()[-1] == f"{tier} 65536"  # 65536: the CPU pool cap
     assert f"serving with --context-length {tier}" in out.stderr
 

@@ -17,7 +17,16 @@ SGLang's calls. Hooks (SGLang's HookRegistry):
   host pages only the radix cache held can return.
 - ``UnifiedRadixCache.checkpoint`` / ``RadixCache.checkpoint`` (AFTER): a running request's
   ids were deduplicated against the cache.
-Not CUDA-graph capturable; the launcher turns decode graphs and the overlap scheduler off.
+- ``DecodeCudaGraphRunner._copy_replay_inputs`` (BEFORE): remembers the batch being replayed,
+  whose host copies (request rows, seq_lens) the out-of-graph plan reads (the replay view
+  the backend gets carries device buffers only).
+
+CUDA graphs (SGLang's graph interface): ``init_cuda_graph_state`` sizes both instances and the
+device step's lanes; ``init_forward_metadata_out_graph`` is the host side of a step (the
+plan: host pages, lane buffers, budget table; the sparse instance's own out-of-graph prep
+over it); the layers' FreeKV work (``FreeKVServing.begin/end_decode_layer`` on the device
+step) is captured with the forward. Metrics are pushed out of the graph, at the next plan and
+on every release.
 """
 
 from __future__ import annotations
@@ -45,7 +54,9 @@ _PAGED_FREE = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.
 _PAGED_SEGMENT = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.free_segment"
 _PAGED_CLEAR = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator.clear"
 _REGISTRY = "sglang.srt.layers.attention.attention_registry"
-TARGETS = (_FREE_ROWS, *(f"{t}.checkpoint" for t in _TREES), _TOKEN_FREE, _TOKEN_CLEAR,
+_REPLAY = ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+           "._copy_replay_inputs")
+TARGETS = (_FREE_ROWS, _REPLAY, *(f"{t}.checkpoint" for t in _TREES), _TOKEN_FREE, _TOKEN_CLEAR,
            _PAGED_FREE, _PAGED_SEGMENT, _PAGED_CLEAR, f"{_REGISTRY}.ATTENTION_BACKENDS",
            f"{_REGISTRY}.register_attention_backend",
            "sglang.srt.mem_cache.kv_index_translator.KVIndexTranslator",
@@ -110,6 +121,7 @@ def create_backend(runner: Any) -> Any:
                 token_to_kv_pool=pool, page_size=1, device=runner.device)
             self.sparse.kv_index_translator = self._table_reader
             self.pool = pool
+            self.device = torch.device(runner.device)
             self.req_to_token = runner.req_to_token_pool.req_to_token
             tp = get_parallel().attn_tp_size
             self.serving = pool.init_serving(
@@ -139,32 +151,61 @@ def create_backend(runner: Any) -> Any:
             return view
 
         def init_forward_metadata(self, forward_batch: Any) -> None:
+            self.init_forward_metadata_out_graph(forward_batch)
+            self.init_forward_metadata_in_graph(forward_batch)
+
+        def init_forward_metadata_out_graph(self, forward_batch: Any,
+                                            in_capture: bool = False) -> None:
+            """Host side of a forward (never captured): FreeKV's plan, then both instances'
+            own out-of-graph prep."""
             fb = forward_batch
-            self.dense.init_forward_metadata(fb)
+            self.dense.init_forward_metadata_out_graph(fb, in_capture)
+            self.metrics.update(self.serving)  # counters of the previous forward
             self.extend = self.plan = self.view = None
             mode = fb.forward_mode
             if mode.is_idle():
                 return
             if mode.is_decode():
-                lens_cpu = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()
+                rows_c, lens_c = _host_rows_and_lens(fb)
+                lanes = int(fb.batch_size)
+                real = int((rows_c != 0).sum()) if lanes else 0  # graph padding: row 0
                 plan = self.serving.plan_decode(
-                    fb.req_pool_indices, fb.seq_lens, fb.req_pool_indices.cpu(), lens_cpu,
-                    fb.out_cache_loc, self.req_to_token)
+                    fb.req_pool_indices[:real], fb.seq_lens[:real], rows_c[:real],
+                    lens_c[:real], fb.out_cache_loc[:real], self.req_to_token, lanes=lanes)
                 self.plan = plan
+                lens_cpu = plan.kv_lens_cpu[:lanes].to(torch.int64)
                 self.view = self._sparse_view(
-                    fb, plan.kv_table, seq_lens=plan.kv_lens.to(fb.seq_lens.dtype),
-                    seq_lens_cpu=plan.kv_lens_cpu.to(torch.int64),
-                    seq_lens_sum=int(plan.kv_lens_cpu.sum()))
+                    fb, plan.kv_table[:lanes], seq_lens=plan.kv_lens[:lanes].to(
+                        fb.seq_lens.dtype), seq_lens_cpu=lens_cpu,
+                    seq_lens_sum=int(lens_cpu.sum()))
             elif mode.is_extend():
                 prefix = list(fb.extend_prefix_lens_cpu or [0] * fb.batch_size)
-                step = self.serving.plan_extend(
-                    fb.req_pool_indices.tolist(), fb.seq_lens_cpu.tolist(), prefix,
-                    fb.out_cache_loc, self.req_to_token)
+                rows_c, lens_c = _host_rows_and_lens(fb)
+                step = self.serving.plan_extend(rows_c.tolist(), lens_c.tolist(), prefix,
+                                                fb.out_cache_loc, self.req_to_token)
                 self.extend = step
                 self.view = self._sparse_view(fb, step.table)
             else:
                 raise RuntimeError(f"freekv: forward mode {mode} is not supported")
-            self.sparse.init_forward_metadata(self.view)
+            self.sparse.init_forward_metadata_out_graph(self.view, in_capture)
+
+        def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
+            self.dense.init_forward_metadata_in_graph(forward_batch)
+            if self.view is not None:
+                self.sparse.init_forward_metadata_in_graph(self.view)
+
+        def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+            self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+            budget = self.serving.cfg.budget
+            if self.inner_name == "flashinfer":  # budget tables, not whole contexts
+                buf = torch.zeros(max_bs * budget, dtype=torch.int32, device=self.device)
+                self.sparse.init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf=buf)
+            else:
+                self.sparse.init_cuda_graph_state(max_bs, max_num_tokens)
+            self.serving.ensure_lanes(max_bs)
+
+        def get_cuda_graph_seq_len_fill_value(self) -> int:
+            return int(self.dense.get_cuda_graph_seq_len_fill_value())
 
         # ------------------------------------------------------------ forward
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True,  # type: ignore[no-untyped-def]
@@ -187,7 +228,6 @@ def create_backend(runner: Any) -> Any:
                 # off under FreeKV, so each extend holds whole prompts).
                 assert self.extend is not None
                 self.serving.commit_extend(self.extend, self.req_to_token)
-                self.metrics.update(self.serving)
             return o
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True,  # type: ignore[no-untyped-def]
@@ -207,14 +247,35 @@ def create_backend(runner: Any) -> Any:
                     v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim))
                 out = self.sparse.forward_decode(q, k, v, layer, self.view, False, **kwargs)
                 self.serving.end_decode_layer(local, plan, q3)
-            if lid == self.last_layer:
-                self.metrics.update(self.serving)
             return out
 
         def support_triton(self) -> bool:
             return bool(self.dense.support_triton())
 
     return FreeKVAttnBackend()
+
+
+def _host_rows_and_lens(fb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Request rows and seq_lens of a forward on the host: the batch's own host copies (the
+    replayed batch under CUDA graphs, padded to the view's lanes with row 0 / fill value),
+    else copied from the device (a sync; out of any graph)."""
+    lanes = int(fb.batch_size)
+    src = ACTIVE.get("replay_batch") if getattr(fb, "num_padding", None) is not None else fb
+    rows = getattr(src, "req_pool_indices_cpu", None)
+    lens = getattr(fb, "seq_lens_cpu", None)
+    if rows is None:
+        rows = fb.req_pool_indices.cpu()  # SYNC: no host copy on this batch
+    if lens is None:
+        lens = fb.seq_lens.cpu()  # SYNC: no host copy on this batch
+    rows = rows.to(torch.int64)
+    if rows.numel() < lanes:  # graph padding lanes use request row 0
+        rows = torch.cat([rows, torch.zeros(lanes - rows.numel(), dtype=torch.int64)])
+    return rows[:lanes], lens.to(torch.int64)[:lanes]
+
+
+def _stash_replay_batch(self: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> None:
+    ACTIVE["replay_batch"] = forward_batch
+    return None
 
 
 def _free_rows(self: Any, indices: Any, *args: Any, **kwargs: Any) -> None:
@@ -276,6 +337,7 @@ def register() -> None:
         add_attention_backend_choices(["freekv"])
     register_attention_backend("freekv")(create_backend)
     HookRegistry.register(_FREE_ROWS, _free_rows, HookType.BEFORE)
+    HookRegistry.register(_REPLAY, _stash_replay_batch, HookType.BEFORE)
     for tree in _TREES:
         HookRegistry.register(f"{tree}.checkpoint", _after_checkpoint, HookType.AFTER)
     HookRegistry.register(_TOKEN_FREE, _free_token_ids, HookType.BEFORE)

@@ -13,9 +13,11 @@ Changes (all through SGLang's HookRegistry):
   scheduler and logs it once per rank; under FreeKV also remembers the scheduler, whose radix
   cache FreeKV evicts from when host-tier pages run out.
 
-Under FreeKV the launcher also caps ``max_total_tokens`` to the host tier and, when the tier
-holds fewer tokens than the model context, ``context_length`` to the tier: SGLang's tokenizer
-manager then refuses a prompt, or a prompt + ``max_new_tokens``, beyond it with HTTP 400.
+Under FreeKV the launcher resolves the host tier's size, and when the tier holds fewer tokens
+than the model context, caps ``context_length`` to the tier: SGLang's tokenizer manager then
+refuses a prompt, or a prompt + ``max_new_tokens``, beyond it with HTTP 400. It turns off
+prefill CUDA graphs and chunked prefill (one line says so) and leaves decode graphs and the
+overlap scheduler as the user set them.
 """
 
 from __future__ import annotations
@@ -202,16 +204,21 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> FreeKVC
     else:
         os.environ.pop(ENV_INNER_BACKEND, None)
     args.attention_backend = "freekv"
-    args.disable_overlap_schedule = True
-    args.disable_cuda_graph = True
+    # Prompts are staged and committed to the host tier by host work: no prefill graphs, no
+    # chunked prefill yet. The decode step is device work (CUDA) and is captured.
+    args.disable_prefill_cuda_graph = True
     args.chunked_prefill_size = -1
     if getattr(args, "mem_fraction_static", None) is None:
         # SGLang's automatic fraction reserves activations for an unchunked prefill of the
         # whole context and goes negative on small machines; FreeKV's pool is budget-sized.
         args.mem_fraction_static = DEFAULT_MEM_FRACTION
-    print("freekv: overlap scheduler, CUDA graphs and chunked prefill are off with "
-          "--kv-policy freekv (recall and correction synchronise with the host; prompts are "
-          "committed to the host tier whole)", file=sys.stderr, flush=True)
+    graphs = "off (--disable-cuda-graph)" if getattr(args, "disable_cuda_graph", False) \
+        else "decode graphs on, FreeKV's step captured with them"
+    overlap = "off (--disable-overlap-schedule)" if getattr(
+        args, "disable_overlap_schedule", False) else "on"
+    print(f"freekv: CUDA graphs {graphs}; prefill graphs and chunked prefill off (prompts are "
+          f"staged and committed to the host tier whole); overlap scheduler {overlap}",
+          file=sys.stderr, flush=True)
     from sglang_freekv.platform import cpu_platform_wanted, simulated_device_bytes
 
     if getattr(args, "max_running_requests", None) is None and cpu_platform_wanted() \
@@ -225,7 +232,9 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> FreeKVC
         print(f"freekv: host tier {host_bytes / 2**30:.2f} GiB ({source})", file=sys.stderr,
               flush=True)
         return config
-    tokens = host_bytes // per_token
+    # Tokens one request can hold: whole pages of the tier, one kept spare for the partial
+    # last page of a running request (sglang_freekv.sizing).
+    tokens = max(0, host_bytes // (per_token * config.page_size) - 1) * config.page_size
     if tokens < config.budget:
         raise FreeKVConfigError(
             f"freekv-config: host_memory_gb={json.dumps(config.host_memory_gb)}: the host tier "

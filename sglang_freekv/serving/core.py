@@ -28,6 +28,7 @@ referenced only by mapped logical ids (the radix cache) return when those ids ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ class FreeKVServing:
         self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (ids, rows)
         self.kv_lens: dict[int, int] = {}  # req row -> tokens with KV (committed rows)
         self._evict_logged = False
+        # decode tokens' (logical ids copied to pinned host memory, host slots, copy event),
+        # mapped at the next host-side call: the step itself never waits for the device
+        self._pending_maps: list[tuple[torch.Tensor, torch.Tensor, object]] = []
+        # the stream forwards run on (CUDA): release and host-side frees enqueue their
+        # device work there, behind any forward still in flight (overlap scheduler)
+        self._stream: torch.cuda.Stream | None = None
 
     # ------------------------------------------------------------------ extend
     def plan_extend(
@@ -181,6 +188,8 @@ class FreeKVServing:
         batch order (device); ``req_to_token``: ``[rows, max_context]`` int (device), logical
         ids per request row and position. Raises :class:`FreeKVStagingFull`.
         """
+        self._flush_maps()
+        self._note_stream()
         rows_l, lens_l, pref_l = list(req_rows), list(seq_lens), list(prefix_lens)
         n_new = int(out_loc.numel())
         if n_new != sum(lens_l) - sum(pref_l):
@@ -315,6 +324,8 @@ class FreeKVServing:
         request still staged, allocates the host page this token opens and maps its logical
         id to its host slot.
         """
+        self._flush_maps()
+        self._note_stream()
         rows_c = req_rows_cpu.to(torch.int64)
         lens_c = seq_lens_cpu.to(torch.int64)
         for row, n in zip(rows_c.tolist(), lens_c.tolist()):
@@ -329,10 +340,47 @@ class FreeKVServing:
         p = self.cache.g.page_size
         pos = lens_c - 1
         page = self.cache.t.host_pages_cpu[rows_c, pos // p].to(torch.int64)
-        self.tokens.map(out_loc, page * p + pos % p)
+        self._map_later(out_loc, page * p + pos % p)
         for row, n in zip(plan.rows_list, plan.seq_lens_list):
             self.kv_lens[row] = n
         return plan
+
+    def _note_stream(self) -> None:
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.current_stream(self.device)
+
+    def _forward_stream(self) -> contextlib.AbstractContextManager[object]:
+        """Run device work on the stream of the last forward (CUDA), so it is ordered after
+        that forward even when the engine frees requests while it runs (overlap)."""
+        if self._stream is None:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._stream)
+
+    def _map_later(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Map logical ``ids`` (device) to host ``slots`` (cpu): at once for host tensors;
+        for CUDA ids through a non-blocking copy to pinned memory, applied by
+        :meth:`_flush_maps` (no host sync on the decode path)."""
+        if ids.device.type != "cuda":
+            self.tokens.map(ids, slots)
+            return
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()  # STREAM: after the copy on the current stream
+        self._pending_maps.append((host, slots, done))
+
+    def _flush_maps(self) -> None:
+        """Apply the pending decode-token maps (every host-side reader calls this first)."""
+        pending, self._pending_maps = self._pending_maps, []
+        for host, slots, done in pending:
+            done.synchronize()  # SYNC: a copy of an earlier step; normally long complete
+            self.tokens.map(host, slots)
+
+    def ensure_lanes(self, max_bs: int) -> None:
+        """The device step runs up to ``max_bs`` lanes (CUDA graphs' largest batch)."""
+        if self.device_step is not None and self.device_step.max_bs < max_bs:
+            self.device_step = FreeKVDeviceStep(self.cache, max_bs=max_bs,
+                                                scratch_row=self.rows.scratch_row)
 
     def begin_decode_layer(self, layer: int, plan: DecodePlan, q: torch.Tensor,
                            k: torch.Tensor, v: torch.Tensor) -> None:
@@ -377,6 +425,11 @@ class FreeKVServing:
     def release_rows(self, rows: Sequence[int]) -> None:
         """Requests at ``rows`` finished, were aborted or retracted: return their budget
         chunk, host page references and staging rows."""
+        self._flush_maps()
+        with self._forward_stream():  # STREAM: behind a forward that may still read the row
+            self._release_rows(rows)
+
+    def _release_rows(self, rows: Sequence[int]) -> None:
         for row in rows:
             chunk = self.committed.pop(row, None)
             kv_len = self.kv_lens.pop(row, None)
@@ -394,9 +447,11 @@ class FreeKVServing:
     def free_token_ids(self, ids: torch.Tensor) -> int:
         """The engine freed logical ``ids``: drop their host page references; returns the
         host pages freed."""
+        self._flush_maps()
         return self.tokens.unmap(ids)
 
     def free_all_tokens(self) -> int:
+        self._flush_maps()
         return self.tokens.unmap_all()
 
     def after_checkpoint(self, row: int, req_to_token: torch.Tensor) -> None:
@@ -405,6 +460,7 @@ class FreeKVServing:
         cached copies, so duplicate host pages do not outgrow the host tier."""
         if row not in self.committed:
             return
+        self._flush_maps()
         p = self.cache.g.page_size
         full = self.kv_lens.get(row, 0) // p * p
         shared = self.tokens.shared_pages(req_to_token[row, :full])
@@ -435,6 +491,7 @@ class FreeKVServing:
 
     # ------------------------------------------------------------------ gauges
     def usage(self) -> ServingUsage:
+        self._flush_maps()
         tables = self.cache.t.host_pages_cpu[sorted(self.committed)]
         in_flight = int(torch.unique(tables[tables >= 0]).numel()) if tables.numel() else 0
         p = self.cache.g.page_size

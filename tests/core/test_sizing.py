@@ -83,3 +83,13 @@ def test_plan_refuses_what_cannot_work() -> None:
         _plan(0.2)  # staging of one 6.4K prompt alone is 0.27 GiB
     with pytest.raises(FreeKVSizingError, match="host_memory_gb"):
         _plan(4.0, host_bytes=20 * 32 * SMOL_TOKEN, max_running_requests=30)
+
+
+def test_a_whole_context_fits_the_host_tier() -> None:
+    """A small host tier keeps room for one whole-context request before adding requests:
+    each running request holds one spare page for its partial last page."""
+    pages = 72  # the server tests' 0.1 GiB float32 tier
+    context = (pages - 1) * 32  # what the launcher serves
+    plan = _plan(4.0, host_bytes=pages * 32 * SMOL_TOKEN, context_len=context)
+    assert plan.max_running_requests == 1 and plan.max_total_tokens >= context
+    assert plan.num_host_pages <= pages

@@ -44,9 +44,10 @@ pytestmark = pytest.mark.server
 FREEKV_CFG = {"budget": 512, "sink": 64, "window": 128}
 CONTEXT_LEN = 8192  # SmolLM2-135M-Instruct
 # Host tier of 0.1 GiB: 2 (K, V) * 30 layers * 3 KV heads * 64 dims * 4 bytes (float32) =
-# 46080 B/token, so 2330 tokens, fewer than the model's 8192-token context.
+# 46080 B/token, so 72 pages of 32 tokens; one page stays spare for a running request's
+# partial last page: a 2272-token context, fewer than the model's 8192.
 HOST_GB = 0.1
-HOST_TIER_TOKENS = int(HOST_GB * (1 << 30)) // (2 * 30 * 3 * 64 * 4)  # 2330
+HOST_TIER_TOKENS = (int(HOST_GB * (1 << 30)) // (2 * 30 * 3 * 64 * 4 * 32) - 1) * 32  # 2272
 
 GAUGES = ("sglang:freekv_host_pages_used", "sglang:freekv_device_pages_used")
 
@@ -85,6 +86,8 @@ class Servers:
             "freekv_small_host": _freekv_args(
                 self.model, {**FREEKV_CFG, "host_memory_gb": HOST_GB}, "--enable-metrics"
             ),
+            "freekv_no_overlap": _freekv_args(self.model, FREEKV_CFG,
+                                              "--disable-overlap-schedule"),
         }
 
     def get(self, name: str) -> Server:
@@ -151,7 +154,8 @@ def dense(request: pytest.FixtureRequest, servers: Servers, passkey_prompts: dic
     equal = [
         generate_ids(server, ids, EQUAL_NEW_TOKENS)["output_ids"]
         for ids in _equal_prompts(servers.model)
-    ] if "test_a_budget_covers_context_matches_default" in selected else None
+    ] if {"test_a_budget_covers_context_matches_default",
+          "test_a_overlap_off_matches_overlap_on"} & selected else None
     answers = {
         case: generate_ids(server, passkey_prompts[case].input_ids, PASSKEY_NEW_TOKENS)["text"]
         for case in cases
@@ -180,8 +184,10 @@ def _passkey_check(server: Server, cases: list, prompts: dict, dense: dict) -> N
 
 
 def test_a_budget_covers_context_matches_default(servers: Servers, dense: dict) -> None:
-    """Every prompt + output fits in the budget: FreeKV must equal dense, token for token."""
+    """Every prompt + output fits in the budget: FreeKV (overlap scheduler on, the default)
+    must equal dense, token for token."""
     server = servers.get("freekv")
+    assert "overlap scheduler on" in server.log()
     got = [
         generate_ids(server, ids, EQUAL_NEW_TOKENS)["output_ids"]
         for ids in _equal_prompts(servers.model)
@@ -343,8 +349,8 @@ def test_c_passkey_budget_512_tp2(servers: Servers, passkey_prompts: dict, dense
 
 
 def test_e_request_beyond_host_tier_is_refused(servers: Servers) -> None:
-    """0.1 GiB of host tier holds HOST_TIER_TOKENS (2330) float32 tokens < the model's 8192:
-    the server then serves a 2330-token context. A prompt, or prompt + max_new_tokens, beyond
+    """0.1 GiB of host tier holds HOST_TIER_TOKENS (2272) float32 tokens < the model's 8192:
+    the server then serves a 2272-token context. A prompt, or prompt + max_new_tokens, beyond
     the tier gets a clear 4xx on both endpoints; a request that fits runs to the end in the
     sparse regime; nothing is left held and the server keeps answering."""
     server = servers.get("freekv_small_host")
@@ -369,12 +375,12 @@ def test_e_request_beyond_host_tier_is_refused(servers: Servers) -> None:
     assert 400 <= resp.status_code < 500, (resp.status_code, resp.text[:500])
     assert "exceeds" in resp.text and str(HOST_TIER_TOKENS) in resp.text, resp.text[:500]
 
-    out = generate_ids(server, mid, 64, ignore_eos=True)  # fits: 2000 + 64 <= 2330
+    out = generate_ids(server, mid, 64, ignore_eos=True)  # fits: 2000 + 64 <= 2272
     assert out["meta_info"]["completion_tokens"] == 64
 
     # Many distinct short requests: each cached one keeps a partial host page, so the host
-    # tier (73 + 34 pages) runs out before SGLang's token pool (2330 ids) would evict; FreeKV
-    # then evicts radix-cache entries itself and every request is served.
+    # tier (72 pages) runs out before SGLang's token pool would evict; FreeKV then evicts
+    # radix-cache entries itself and every request is served.
     for i in range(130):
         out = server.generate(f"Request number {i}: say hello.", 3)
         assert out["meta_info"]["completion_tokens"] > 0
@@ -384,3 +390,18 @@ def test_e_request_beyond_host_tier_is_refused(servers: Servers) -> None:
     for g in GAUGES:
         vals = metric_values(server.url, g)
         assert vals and sum(vals) == 0, (g, vals)
+
+
+# ---------------------------------------------------------------- TP1, overlap scheduler off
+
+
+def test_a_overlap_off_matches_overlap_on(servers: Servers, dense: dict) -> None:
+    """The same prompts with the overlap scheduler off: the same tokens as dense (and so as
+    the overlap-on server of test (a))."""
+    server = servers.get("freekv_no_overlap")
+    assert "overlap scheduler off" in server.log()
+    got = [
+        generate_ids(server, ids, EQUAL_NEW_TOKENS)["output_ids"]
+        for ids in _equal_prompts(servers.model)
+    ]
+    assert got == dense["equal"]
