@@ -212,7 +212,8 @@ def plot_passkey(cases: Sequence[Mapping[str, Any]], *, subtitle: str = "") -> F
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("needle depth")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=9)
+    ax.margins(x=0.1)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 
