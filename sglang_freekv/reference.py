@@ -11,9 +11,9 @@ used by the tests. Never imports sglang.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,7 +35,32 @@ class StepOutput:
     outputs: list[torch.Tensor] = field(default_factory=list)  # per layer [bs, Hq, D]
     dense: list[torch.Tensor] = field(default_factory=list)  # per layer [bs, Hq, D]
     queries: list[torch.Tensor] = field(default_factory=list)  # per layer [bs, Hq, D]
-    late: list[torch.Tensor] = field(default_factory=list)  # late_attention_s outputs
+    late: list[torch.Tensor] = field(default_factory=list)  # late_attention outputs
+
+
+class LateFence:
+    """The ``attn_done`` fence of an attention that runs late (race-5 tests): ``wait`` (the
+    speculative job, before its scatter) says it is waiting, then blocks until ``open``."""
+
+    def __init__(self) -> None:
+        self._reached = threading.Event()  # the job waits this fence, or has finished
+        self._open = threading.Event()
+
+    def wait(self) -> None:
+        self._reached.set()
+        if not self._open.wait(timeout=60):
+            raise TimeoutError("LateFence: the late attention never finished")
+
+    def open(self) -> None:
+        self._open.set()
+
+    def job_went_as_far_as_it_can(self, job: Any) -> None:
+        """Block until the job waits this fence or has finished (no job: return)."""
+        if job is None:
+            return
+        job.add_done_callback(lambda _: self._reached.set())
+        if not self._reached.wait(timeout=60):
+            raise TimeoutError("LateFence: the speculative job neither waited nor finished")
 
 
 class ReferenceDecoder:
@@ -86,9 +111,11 @@ class ReferenceDecoder:
         self.decoded: dict[int, int] = {}  # decode steps done per row
         self.base_q: dict[int, torch.Tensor] = {}  # [L, Hq, D] per row
         self.scale = head_dim ** -0.5
-        # An engine-style static q buffer, overwritten by every layer (race-6 tests).
+        # An engine-style static q buffer, overwritten by every layer (race-6 tests), and a
+        # callback after each overwrite.
         self._q_buf = (torch.empty((max_reqs, num_qo_heads, head_dim), dtype=dtype,
                                    device=device) if reuse_q_buffer else None)
+        self.on_q_write: Callable[[], None] | None = None
 
     def _randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen).to(self.device, self.dtype)
@@ -116,13 +143,15 @@ class ReferenceDecoder:
 
     # ------------------------------------------------------------------ decode
     def step(self, rows: list[int], on_layer: LayerCallback | None = None,
-             late_attention_s: float | None = None) -> StepOutput:
+             late_attention: bool = False) -> StepOutput:
         """One decode step of ``rows`` through every layer.
 
-        ``late_attention_s``: emulate an asynchronous attention kernel (race-5 tests): the
-        FreeKV attention is computed again on a thread after this delay, while
-        ``after_attention`` has already returned (its ``attn_done`` fence is set when that
-        late attention finishes); the late outputs go to ``StepOutput.late``.
+        ``late_attention``: emulate an asynchronous attention kernel (race-5 tests): each
+        sparse layer's FreeKV attention is computed again on a thread that starts after
+        ``after_attention`` returned and reads the slots only once the layer's speculative
+        job has gone as far as it can: it waits the ``attn_done`` fence (the protected
+        order) or it finished (the fence was dropped). The fence opens when that late
+        attention is done; the late outputs go to ``StepOutput.late``.
         """
         cache, dev = self.cache, self.device
         n = [self.seq_len[r] + 1 for r in rows]
@@ -140,6 +169,8 @@ class ReferenceDecoder:
             q = base + sigma * self._randn(bs, self.hq, self.d)
             if self._q_buf is not None:
                 q = self._q_buf[:bs].copy_(q)  # same memory for every layer
+                if self.on_q_write is not None:
+                    self.on_q_write()
             k_new, v_new = self._randn(bs, self.h, self.d), self._randn(bs, self.h, self.d)
             kb, vb = self.k_buffers[layer], self.v_buffers[layer]
             cache.prepare_layer(layer, plan)
@@ -153,18 +184,20 @@ class ReferenceDecoder:
                  if sparse_layer else dense)
             if on_layer is not None:
                 on_layer(layer, plan, q, o, dense)
-            if late_attention_s is not None and sparse_layer:
-                done, box = threading.Event(), {}
+            if late_attention and sparse_layer:
+                fence = LateFence()
+                cache.after_attention(layer, plan, q, attn_done=fence)
+                job = cache._jobs.get(layer)  # this step's job, if one was submitted
+                box: dict[str, torch.Tensor] = {}
 
-                def late(q=q, plan=plan, kb=kb, vb=vb, box=box, done=done) -> None:
-                    time.sleep(late_attention_s)
+                def late(q=q, plan=plan, kb=kb, vb=vb, box=box, fence=fence, job=job) -> None:
+                    fence.job_went_as_far_as_it_can(job)
                     box["o"] = ref_decode_attention(q, kb, vb, plan.kv_indptr,
                                                     plan.kv_indices, self.scale)
-                    done.set()
+                    fence.open()
 
                 th = threading.Thread(target=late)
                 th.start()
-                cache.after_attention(layer, plan, q, attn_done=done)
                 th.join()
                 out.late.append(box["o"])
             else:

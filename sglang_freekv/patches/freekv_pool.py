@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sglang_freekv.config import FreeKVConfig
+from sglang_freekv.config import FreeKVConfig, FreeKVConfigError
 from sglang_freekv.patches.server_args import policy_of
 from sglang_freekv.serving import DeviceRows, FreeKVServing
 from sglang_freekv.sizing import DeviceMemoryPlan, ModelShape, plan_device_memory
@@ -55,6 +56,17 @@ def _host_bytes_per_token(model_path: str | None, dtype: torch.dtype) -> int | N
     return 2 * int(layers) * int(heads) * int(head_dim) * elem
 
 
+def check_dense_layers(cfg: FreeKVConfig, num_layers: int, model: str) -> None:
+    """``dense_layers`` against the model's real layer count (the launcher can only check
+    it when the model has a local config.json): one line and exit status 2, never a layer
+    silently dropped."""
+    try:
+        cfg.validate_for_model(num_layers=num_layers, model=Path(model).name or model)
+    except FreeKVConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def _resolve_memory_pool_config(orig: Any, self: Any, pre_model_load_memory: int) -> Any:
     policy, cfg = policy_of()
     if policy != "freekv" or getattr(self, "is_draft_worker", False):
@@ -63,11 +75,12 @@ def _resolve_memory_pool_config(orig: Any, self: Any, pre_model_load_memory: int
     from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
     from sglang.srt.runtime_context import get_parallel, get_schedule
 
-    available = self._profile_available_bytes(pre_model_load_memory)
     mc = self.model_config
     tp = get_parallel().attn_tp_size
     num_layers = self.layer_info.num_effective_layers
-    dense = sum(1 for i in cfg.dense_layers if i < num_layers)
+    check_dense_layers(cfg, num_layers, str(self.server_args.model_path))
+    available = self._profile_available_bytes(pre_model_load_memory)
+    dense = len(cfg.dense_layers)
     shape = ModelShape(
         num_layers=num_layers, num_dense_layers=dense,
         num_qo_heads=mc.get_num_attention_heads(tp), num_kv_heads=mc.get_num_kv_heads(tp),

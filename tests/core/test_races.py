@@ -1,18 +1,20 @@
-"""One test per race of freekv-method.md §8 (items 5-9).
+"""One test per race of freekv-method.md §8 (items 5-9), with the interleaving forced.
 
-Each test runs a speculative decode with the CPU worker's debug hooks widening the race
-window, and checks the selection rule (b) / slot content (c) or the attention output.
-It passes with the protection and is shown to FAIL with the protection removed (the test
-replaces the protecting method of the cache, or the recall worker, from outside), so removing
-a protection breaks it.
-The per-layer job (the GPU design) is tested for every race; the per-step job (the CPU
-default) for the races it has: 5 (attention fences), 6 (persistent q) and 7 (the Future).
+Each test runs a speculative decode and checks the selection rule (b) / slot content (c) or
+the attention output. The bad interleaving of each race is *forced* with events: a job is held
+at its start until the main thread has done, after submitting it, the thing the race needs
+(overwritten the q buffer, rewritten the flags, passed the wait or attended), two workers
+meet at a barrier after their gathers, or an attention is held until the job went as far as
+it can. So the protected code passes and the unprotected variant (the
+test replaces the protecting method of the cache, or the recall worker, from outside) FAILS,
+every run, with no sleeps. The per-layer job (the GPU design) is tested for every race; the
+per-step job (the CPU default) for the races it has: 5 (attention fences), 6 (persistent q)
+and 7 (the Future).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -22,6 +24,8 @@ from sglang_freekv.reference import ReferenceDecoder
 
 from .conftest import RuleChecker, make_cfg
 
+WAIT_S = 60  # a gate that is never opened is a test bug: fail instead of hanging
+
 
 def _decoder(tau: float | None = None, job: str = "layer", **kw: object) -> ReferenceDecoder:
     cfg = make_cfg(16, k=3, tau=tau, speculative_job=job)
@@ -29,11 +33,59 @@ def _decoder(tau: float | None = None, job: str = "layer", **kw: object) -> Refe
                             recall_group_blocks=2, seed=7, **kw)  # type: ignore[arg-type]
 
 
-def _worker_sleep(point: str, seconds: float) -> Callable[[str], None]:
-    def hook(p: str) -> None:
-        if p == point and threading.current_thread().name.startswith("freekv-recall"):
-            time.sleep(seconds)
-    return hook
+class KeyedGate:
+    """Holds each speculative job at its start until the main thread has bumped the job's
+    key at least once after the job was submitted (the count is taken on the main thread at
+    submission, so the interleaving does not depend on when the worker gets to the job)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._counts: dict[object, int] = {}
+        self._closed = False
+
+    def bump(self, key: object) -> None:
+        with self._cv:
+            self._counts[key] = self._counts.get(key, 0) + 1
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def hold(self, key: object, since: int) -> None:
+        with self._cv:
+            if not self._cv.wait_for(
+                    lambda: self._counts.get(key, 0) > since or self._closed, WAIT_S):
+                raise TimeoutError(f"job of {key} was never let run")
+
+    def count(self, key: object) -> int:
+        with self._cv:
+            return self._counts.get(key, 0)
+
+
+def hold_jobs(dec: ReferenceDecoder, gate: KeyedGate,
+              key_of: Callable[[int], object] = lambda layer: "job") -> None:
+    """Wrap the cache's job submission from outside: a job submitted by ``after_attention``
+    of layer ``l`` runs only after ``gate.bump(key_of(l))`` on the main thread."""
+    cache = dec.cache
+    submitting: list[object] = []
+    after, submit = cache.after_attention, cache.recall.submit
+
+    def after_keyed(layer: int, *args: object, **kwargs: object) -> None:
+        submitting.append(key_of(layer))
+        try:
+            after(layer, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            submitting.pop()
+
+    def submit_held(fn: Callable[[], object]) -> object:
+        key = submitting[-1]
+        since = gate.count(key)
+        return submit(lambda: (gate.hold(key, since), fn())[1])
+
+    cache.after_attention = after_keyed  # type: ignore[method-assign]
+    cache.recall.submit = submit_held  # type: ignore[method-assign]
 
 
 def _unprotect(dec: ReferenceDecoder, race: int) -> None:
@@ -55,18 +107,28 @@ def _unprotect(dec: ReferenceDecoder, race: int) -> None:
         cache._job_head_mask = lambda step, pick: (None, step.flags)  # type: ignore[method-assign]
 
 
-def _run(dec: ReferenceDecoder, steps: int, *, late: float | None = None,
-         check: bool = True) -> None:
+def _run(dec: ReferenceDecoder, steps: int, *, late: bool = False, check: bool = True,
+         on_layer: Callable[..., None] | None = None,
+         closing: KeyedGate | None = None) -> None:
     rows = [dec.add_request(n) for n in (150, 183, 230)]
     checker = RuleChecker(dec) if check else None
+
+    def layer_cb(*args: object) -> None:
+        if on_layer is not None:
+            on_layer(*args)
+        if checker is not None:
+            checker(*args)  # type: ignore[arg-type]
+
     try:
         for s in range(steps):
-            out = dec.step(rows, on_layer=checker, late_attention_s=late)
-            if late is not None:
+            out = dec.step(rows, on_layer=layer_cb, late_attention=late)
+            if late:
                 for layer, (o, lo) in enumerate(zip(out.outputs, out.late)):
                     assert torch.equal(o, lo), f"step {s} layer {layer}: slots changed " \
                                                "under a running attention"
     finally:
+        if closing is not None:
+            closing.close()
         try:
             dec.cache.recall.wait_all()
         except Exception:  # noqa: BLE001 - a job broken by the unsafe mode
@@ -79,53 +141,95 @@ def _run(dec: ReferenceDecoder, steps: int, *, late: float | None = None,
 @pytest.mark.parametrize("job", ["layer", "step"])
 @pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
 def test_race5_scatter_waits_attention(unsafe: bool, job: str) -> None:
-    """(5) The speculative scatter must not overwrite slots a running attention reads."""
+    """(5) The speculative scatter must not overwrite slots a running attention reads: the
+    late attention reads the slots only once the job waits its fence or has finished."""
     dec = _decoder(job=job)
     if unsafe:
         _unprotect(dec, 5)
-    if unsafe:
         with pytest.raises(AssertionError, match="under a running attention"):
-            _run(dec, 8, late=0.03, check=False)
+            _run(dec, 8, late=True, check=False)
     else:
-        _run(dec, 8, late=0.03, check=False)
+        _run(dec, 8, late=True, check=False)
 
 
 @pytest.mark.parametrize("unsafe,job", [(False, "layer"), (True, "layer"), (False, "step")],
                          ids=["protected-layer", "unprotected-layer", "protected-step"])
 def test_race6_selection_reads_persistent_q(unsafe: bool, job: str) -> None:
-    """(6) The job selects with the persistent last_q, not the engine's reused q buffer
-    (the step job has no unsafe mode: it only ever reads last_q)."""
+    """(6) The job selects with the persistent last_q, not the engine's reused q buffer: the
+    job starts only after the engine wrote the next layer's q into that buffer (the step job
+    has no unsafe mode: it only ever reads last_q)."""
     dec = _decoder(reuse_q_buffer=True, job=job)
-    dec.cache.recall._checkpoint = _worker_sleep("job_start", 0.02)  # type: ignore[method-assign]
+    gate = KeyedGate()
+    hold_jobs(dec, gate)
+    dec.on_q_write = lambda: gate.bump("job")
     if unsafe:
         _unprotect(dec, 6)
         with pytest.raises(AssertionError):
-            _run(dec, 10)
+            _run(dec, 10, closing=gate)
     else:
-        _run(dec, 10)
+        _run(dec, 10, closing=gate)
 
 
 @pytest.mark.parametrize("job", ["layer", "step"])
 @pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
 def test_race7_wait_job_future_before_event(unsafe: bool, job: str) -> None:
-    """(7) before_attention waits the job (Future, then event): no stale slots attended."""
+    """(7) before_attention waits the job (Future, then event): each job starts only once
+    the main thread waits its Future (protected) or, in the next step, has attended the
+    job's layer without waiting (unprotected)."""
     dec = _decoder(job=job)
-    dec.cache.recall._checkpoint = _worker_sleep("job_start", 0.03)  # type: ignore[method-assign]
+    cache = dec.cache
+    gate = KeyedGate()
+    key_of = (lambda layer: layer) if job == "layer" else (lambda layer: "step")
+    hold_jobs(dec, gate, key_of)
     if unsafe:
         _unprotect(dec, 7)
-        with pytest.raises(AssertionError):
-            _run(dec, 10)
     else:
-        _run(dec, 10)
+        wait_job = cache._wait_job
+
+        def waiting(layer: int) -> None:
+            if layer in cache._jobs:
+                gate.bump(key_of(layer))  # about to wait the Future: let the job run
+            wait_job(layer)
+
+        cache._wait_job = waiting  # type: ignore[method-assign]
+
+    def attended(layer: int, *args: object) -> None:
+        if layer in cache.sparse_layers:
+            gate.bump(key_of(layer))  # attended this layer: let its job run
+
+    if unsafe:
+        with pytest.raises(AssertionError):
+            _run(dec, 10, on_layer=attended, closing=gate)  # type: ignore[arg-type]
+    else:
+        _run(dec, 10, on_layer=attended, closing=gate)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
 def test_race8_layers_do_not_share_staging(unsafe: bool) -> None:
-    """(8) Two layers' jobs in flight: each scatters its own layer's data."""
+    """(8) Two layers' jobs in flight: each scatters its own layer's data. With two workers
+    both jobs gather into the shared staging buffers before either scatters (a barrier of
+    one party per worker)."""
     dec = _decoder()
-    dec.cache.recall._checkpoint = _worker_sleep("gathered", 0.01)  # type: ignore[method-assign]
     if unsafe:
         _unprotect(dec, 8)
+    workers = 2 if unsafe else 1
+    barrier = threading.Barrier(workers, timeout=2)
+    first = threading.local()
+
+    def checkpoint(point: str) -> None:
+        if not threading.current_thread().name.startswith("freekv-recall"):
+            return  # correction recalls on the main thread take no part
+        if point == "job_start":
+            first.gather = True
+        elif point == "gathered" and getattr(first, "gather", False):
+            first.gather = False  # each job meets the other worker at its first gather
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:  # a lone job (its partner recalls nothing)
+                barrier.reset()
+
+    dec.cache.recall._checkpoint = checkpoint  # type: ignore[method-assign]
+    if unsafe:
         with pytest.raises(AssertionError):
             _run(dec, 10)
     else:
@@ -134,13 +238,23 @@ def test_race8_layers_do_not_share_staging(unsafe: bool) -> None:
 
 @pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
 def test_race9_flags_snapshot_per_job(unsafe: bool) -> None:
-    """(9) The job's head mask is a snapshot: the next layer's flags must not leak in."""
+    """(9) The job's head mask is a snapshot: the job starts only after the next layer's
+    before_attention rewrote the shared flags buffer."""
     # sigma 0.5 => cos ~ tau: about half the heads corrected, differently per layer.
     dec = _decoder(tau=0.8, q_noise=(0.5,))
-    dec.cache.recall._checkpoint = _worker_sleep("job_start", 0.02)  # type: ignore[method-assign]
+    cache = dec.cache
+    gate = KeyedGate()
+    hold_jobs(dec, gate)
+    before = cache.before_attention
+
+    def before_then_bump(layer: int, plan: object, q: torch.Tensor) -> None:
+        before(layer, plan, q)  # type: ignore[arg-type]
+        gate.bump("job")  # the shared flags buffer now holds this layer's flags
+
+    cache.before_attention = before_then_bump  # type: ignore[method-assign]
     if unsafe:
         _unprotect(dec, 9)
         with pytest.raises(AssertionError):
-            _run(dec, 12)
+            _run(dec, 12, closing=gate)
     else:
-        _run(dec, 12)
+        _run(dec, 12, closing=gate)

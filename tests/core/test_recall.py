@@ -96,16 +96,31 @@ def test_async_jobs_run_in_order(device: str) -> None:
     eng.close()
 
 
+class _Fence:
+    """A ``before_scatter`` fence that says when the job reached it."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+    def wait(self) -> None:
+        self.reached.set()
+        assert self.opened.wait(timeout=60), "fence never opened"
+
+
 def test_before_scatter_fence_is_waited() -> None:
+    """The job has gathered its blocks and waits the fence: nothing is scattered until it
+    opens (a scatter before the wait, or no wait at all, fails here)."""
     pool, kb, vb, eng = _setup("cpu")
     host_ids, head, dst = _blocks(4, 3)
-    fence = threading.Event()
+    fence = _Fence()
     fut = eng.submit(lambda: eng.recall(0, host_ids, head.to(torch.int32), dst, mode="async",
                                         before_scatter=fence))
-    assert not fut.done() or not fence.is_set()
-    assert bool((kb[0] == 0).all())  # nothing scattered before the fence
-    fence.set()
-    fut.result()
+    assert fence.reached.wait(timeout=60), "the job never waited the fence"
+    assert not fut.done()
+    assert bool((kb[0] == 0).all()) and bool((vb[0] == 0).all())  # nothing scattered yet
+    fence.opened.set()
+    fut.result(timeout=60)
     _check(pool, kb, vb, 0, host_ids, head, dst)
     eng.close()
 
