@@ -51,6 +51,7 @@ from sglang_freekv.layout import (
     token_loc,
 )
 from sglang_freekv.retrieval import residency_diff
+from sglang_freekv.threads import single_intra_op_thread
 
 if TYPE_CHECKING:
     from sglang_freekv.cache import FreeKVCache
@@ -129,6 +130,8 @@ class FreeKVDeviceStep:
         self.side = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
         self._forked = False
         self._offs = torch.arange(g.page_size, device=dev)
+        # CPU tensors (tests, CPU engines): FreeKV's small ops run on one intra-op thread
+        self._host_ops = dev.type == "cpu"
 
     # ------------------------------------------------------------------ requests
     def forget(self, req_row: int) -> None:
@@ -235,7 +238,12 @@ class FreeKVDeviceStep:
                          v: torch.Tensor) -> None:
         """Window exit, this token's K/V write, correction (masked). ``q [lanes, Hq, D]``,
         ``k``/``v`` ``[lanes, H, D]``. Graph-capturable; no host sync."""
-        cache, g = self.cache, self.g
+        with single_intra_op_thread(self._host_ops):
+            self._before_attention(layer, q, k, v)
+
+    def _before_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor) -> None:
+        cache = self.cache
         lanes = q.shape[0]
         kb, vb = cache.k_buffers[layer], cache.v_buffers[layer]
         rows = self.rows[:lanes]
@@ -274,6 +282,10 @@ class FreeKVDeviceStep:
         """Write-through of completed pages, ``last_q``, and the speculative selection for
         step ``t + 1`` on the side stream (joined by the last sparse layer). ``q`` is this
         step's query ``[lanes, Hq, D]``. Graph-capturable; no host sync."""
+        with single_intra_op_thread(self._host_ops):
+            self._after_attention(layer, q)
+
+    def _after_attention(self, layer: int, q: torch.Tensor) -> None:
         cache = self.cache
         lanes = q.shape[0]
         kb, vb = cache.k_buffers[layer], cache.v_buffers[layer]
