@@ -47,5 +47,28 @@ else
   echo "benchmarks/bench_select.py not found; skipped" | tee "$OUT/bench_select.log"
 fi
 
+echo "== bench_gpu_step (FreeKV decode step, Llama-3.1-8B shapes, CUDA graph)"
+# Last, with what is left of 470 s since this script started (bash SECONDS), so the whole
+# check stays under 8 minutes; configurations that no longer fit are skipped and listed in
+# its JSON, which is rewritten after each one. Output: $OUT/bench_gpu_step_cuda.json (+ .png
+# only while $OUT holds fewer than 7 files: the device tool returns at most 8). For a full run
+# alone: python3 benchmarks/bench_gpu_step.py --time-budget 480 (CPU dry run: --tiny).
+left=$((470 - SECONDS))
+if [ "${DEV:-cuda}" != cuda ]; then
+  echo "bench_gpu_step: needs CUDA; skipped (CPU dry run: $PY benchmarks/bench_gpu_step.py --tiny)"
+elif [ "$left" -lt 90 ]; then
+  echo "bench_gpu_step: skipped, only ${left}s left of the 8-minute budget" \
+    "(run it alone: $PY benchmarks/bench_gpu_step.py --time-budget 480)"
+else
+  step_args=(--time-budget $((left - 30)))
+  if [ "$(find "$OUT" -maxdepth 2 -type f | wc -l)" -ge 7 ]; then
+    step_args+=(--no-png)
+  fi
+  if ! timeout -k 10 $((left - 15)) $PY benchmarks/bench_gpu_step.py "${step_args[@]}"; then
+    echo "bench_gpu_step FAILED or cut short (what it measured: $OUT/bench_gpu_step_cuda.json)"
+    status=1
+  fi
+fi
+
 echo "== done (status $status); logs in $OUT"
 exit $status
