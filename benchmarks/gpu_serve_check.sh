@@ -47,27 +47,38 @@ export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python  # the Rust TreeCore .so is
 export TVM_FFI_DISABLE_TORCH_C_DLPACK=1               # no DLPack add-on build at import
 export SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1         # sgl_kernel is the stub
 export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/freekv_flashinfer}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 SGL_KERNEL_STUB_LOG=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 FREEKV_STUB_LOG=1
 export MAX_JOBS=${MAX_JOBS:-16}
 
 if [ "$DRY" = 1 ]; then
   VPY=${VENV_PYTHON:-$REPO/.venv/bin/python}
-  say "dry run: cp312 binary modules of the bundle load under python3.12 (no torch here)"
-  if command -v python3.12 >/dev/null; then
-    PYTHONPATH=$SITE timeout 60 python3.12 -c "
+  # The GPU machine's own versions of pure-Python packages that differ from the venv's
+  # (transformers 5.17), unpacked by build.py: imported first by the dry-run steps below.
+  MIRROR=$REPO/.gpu_bundle/cache/mirror/site
+  [ -d "$MIRROR" ] || MIRROR=
+  say "dry run: the bundle's cp312 extension modules load under CPython 3.12 (no torch here)"
+  PY312=${PY312:-}
+  for c in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    if [ -z "$PY312" ] && "$c" -c pass >/dev/null 2>&1; then PY312=$c; fi
+  done
+  if [ -n "$PY312" ]; then
+    SHIM=$(mktemp -d /tmp/freekv_te.XXXX)  # typing_extensions: on the GPU machine, not here
+    "$VPY" -c "import typing_extensions, shutil; shutil.copy(typing_extensions.__file__, '$SHIM')"
+    PYTHONPATH=$SITE:$SHIM timeout 60 "$PY312" -c "
 import importlib, sys
 mods = ['orjson', 'msgspec', 'zmq', 'pydantic_core', 'pydantic', 'rpds', 'setproctitle',
-        'pybase64', '_cffi_backend', 'jiter', 'fastapi', 'uvicorn', 'jsonschema', 'openai']
+        'pybase64', '_cffi_backend', 'jiter', 'tvm_ffi', 'soundfile']
 bad = []
 for m in mods:
     try:
         importlib.import_module(m)
     except Exception as e:
         bad.append(f'{m}: {type(e).__name__}: {e}')
-print('python3.12 loads', len(mods) - len(bad), 'of', len(mods), 'modules', bad or '')
+print(sys.version.split()[0], 'loads', len(mods) - len(bad), 'of', len(mods), 'modules', bad or '')
 sys.exit(1 if bad else 0)" || status=1
+    rm -rf "$SHIM"
   else
-    say "python3.12 not found: skipped"
+    say "no working python3.12 here: skipped"
   fi
   say "dry run: prebuilt FlashInfer modules load (tvm_ffi, $VPY)"
   timeout 120 "$VPY" -c "
@@ -78,12 +89,12 @@ for so in sos:
     print('loaded', so.split('/')[-1][:90])
 print(len(sos), 'prebuilt modules')" || status=1
   say "dry run: the server's import path under a fake H200 (import_check.py)"
-  timeout 300 "$VPY" benchmarks/gpu_bundle/import_check.py --json "$OUT/import_check.json" \
+  timeout 300 "$VPY" benchmarks/gpu_bundle/import_check.py --json "$OUT/import_check.json" --overlay "$SITE" ${MIRROR:+--mirror "$MIRROR"} \
     --model "$("$VPY" -m sglang_freekv.models smollm2)" | tail -3 || status=1
   say "dry run: serve_check.py --dry-run (preflight under the fake H200, model on CPU)"
   CHECK_SITE=$(mktemp -d /tmp/freekv_check_pkg.XXXX)
   "$VPY" -c "import sys; sys.path.insert(0, 'benchmarks/gpu_bundle'); import build, pathlib; build.write_check_package(pathlib.Path('$CHECK_SITE'))"
-  PYTHONPATH=$CHECK_SITE:$REPO FREEKV_FAKE_CUDA=1 timeout 300 "$VPY" benchmarks/gpu_bundle/serve_check.py \
+  PYTHONPATH=${MIRROR:+$MIRROR:}$CHECK_SITE:$REPO FREEKV_FAKE_CUDA=1 timeout 300 "$VPY" benchmarks/gpu_bundle/serve_check.py \
     --out "$OUT" --model-src "$BUNDLE/model" --model-dir /tmp/freekv_check_model_dry \
     --bundle-json "$BUNDLE/bundle.json" --budget-s 280 --dry-run || status=1
   rm -rf "$CHECK_SITE"

@@ -14,7 +14,7 @@
 * ``.gpu_bundle/out/bundle.json``: versions, sizes, prebuilt modules, and the checks run.
 
 Downloads (PyPI wheels) and compiled modules are cached in ``.gpu_bundle/cache/``; a rebuild
-without changes takes about a minute (xz). Fails when ``out/`` exceeds
+without changes takes a few minutes (pip install + xz). Fails when ``out/`` exceeds
 ``manifest.MAX_BUNDLE_MIB``. ``--no-aot`` skips the FlashInfer prebuild (then the GPU machine
 compiles them, minutes). The device ``run`` tool carries ``.gpu_bundle/out`` (``carry``).
 """
@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 
 from manifest import (  # noqa: E402
     BUNDLED,
+    GPU_MIRROR,
     FLASHINFER_KEEP_CSRC,
     FLASHINFER_KEEP_DATA,
     MAX_BUNDLE_MIB,
@@ -107,6 +108,25 @@ def install(wheels: Path, site: Path) -> None:
          "--target", str(site), *PY_FLAGS, *files],
         check=True,
     )
+
+
+def mirror(cache: Path) -> Path:
+    """Unpack ``GPU_MIRROR`` wheels (the GPU machine's versions) for the dry run only."""
+    wheels, site = cache / "mirror", cache / "mirror" / "site"
+    wheels.mkdir(parents=True, exist_ok=True)
+    todo = [f"{n}=={v}" for n, v in GPU_MIRROR.items()
+            if not any(wheel_matches(p, n, v) for p in wheels.glob("*.whl"))]
+    if todo:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--only-binary=:all:", "-d", str(wheels), *todo], check=True)
+    if site.exists():
+        shutil.rmtree(site)
+    import zipfile
+
+    for n, v in GPU_MIRROR.items():
+        (whl,) = [p for p in wheels.glob("*.whl") if wheel_matches(p, n, v)]
+        zipfile.ZipFile(whl).extractall(site)
+    return site
 
 
 def _remove(path: Path) -> int:
@@ -209,12 +229,22 @@ def model_files(out: Path) -> dict[str, Any]:
 
 
 def pack(site: Path, tar_path: Path) -> None:
-    log(f"packing {tar_path.name} (xz -9e; ~1-2 min)")
+    """tar | xz -6 (the xz tool on all cores when present; Python's lzma otherwise)."""
     tmp = tar_path.with_suffix(".tmp")
-    with lzma.open(tmp, "wb", preset=9 | lzma.PRESET_EXTREME) as xz:
-        with tarfile.open(fileobj=xz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    xz_bin = shutil.which("xz")
+    log(f"packing {tar_path.name} ({'xz -T0 -6' if xz_bin else 'lzma preset 6'})")
+    with open(tmp, "wb") as f:
+        if xz_bin:
+            proc = subprocess.Popen([xz_bin, "-T0", "-6", "-c"], stdin=subprocess.PIPE, stdout=f)
+            sink: Any = proc.stdin
+        else:
+            proc, sink = None, lzma.open(f, "wb", preset=6)
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for path in sorted(site.rglob("*")):
                 tar.add(path, arcname=str(path.relative_to(site)), recursive=False)
+        sink.close()
+        if proc is not None and proc.wait() != 0:
+            raise SystemExit(f"build: xz failed ({proc.returncode})")
     tmp.replace(tar_path)
 
 
@@ -239,6 +269,7 @@ def main() -> int:
     removed = trim(site)
     log(f"trimmed {sum(removed.values()) / 2**20:.1f} MiB in {len(removed)} paths")
     write_check_package(site)
+    mirror(cache)
     info: dict[str, Any] = {
         "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,

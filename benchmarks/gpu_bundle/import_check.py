@@ -163,6 +163,23 @@ def check_site(tmp: Path) -> Path:
     return tmp
 
 
+# Pure-Python packages of a built bundle that can replace this venv's copies in a 3.11
+# process: the trimmed sglang (its .so files are dropped anyway) and flashinfer.
+OVERLAY = ("sglang", "flashinfer")
+
+
+def overlay(site: Path, tmp: Path) -> str:
+    """A folder of links to the bundle's trimmed pure-Python packages (checks the trimming)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    for entry in site.iterdir():
+        top = entry.name.split("-")[0].replace("_python", "")
+        if entry.name in OVERLAY or (entry.suffix == ".dist-info" and top in OVERLAY):
+            link = tmp / entry.name
+            if not link.exists():
+                link.symlink_to(entry)
+    return str(tmp)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"ok": False, "failures": [], "python": sys.version.split()[0]}
     os.environ.update(ENV)
@@ -172,6 +189,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bundled = {normalize(n) for n in BUNDLED}
     allowed = gpu | bundled | {"sglang-freekv"}
     site = check_site(Path(args.site))
+    if args.overlay:
+        sys.path.insert(0, overlay(Path(args.overlay), Path(args.site) / "overlay"))
+        report["overlay"] = args.overlay
+    if args.mirror:
+        sys.path.insert(0, args.mirror)
+        report["mirror"] = sorted(p.name for p in Path(args.mirror).glob("*.dist-info"))
     blocker = Blocker(allowed)
     missing = Missing()
     sys.path.insert(0, str(site))
@@ -284,6 +307,10 @@ def main() -> int:
     parser.add_argument("--json", required=True, help="where to write the report")
     parser.add_argument("--model", default=None, help="model folder for the server-args step")
     parser.add_argument("--site", default=None, help="folder for the check platform (temp)")
+    parser.add_argument("--mirror", default=None,
+                        help="folder of the GPU machine's versions of pure-Python packages")
+    parser.add_argument("--overlay", default=None,
+                        help="an unpacked bundle site: import its trimmed sglang/flashinfer")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     if args.site is None:

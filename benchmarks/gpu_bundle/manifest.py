@@ -53,7 +53,6 @@ BUNDLED: dict[str, str] = {
     "pycparser": "3.12",
     "ipython": "9.18.1",
     "traitlets": "5.16.1",
-    "decorator": "5.2.1",
     "interegular": "0.3.3",
 }
 
@@ -88,3 +87,10 @@ FLASHINFER_KEEP_CSRC: list[str] = [
 ]
 
 MAX_BUNDLE_MIB = 45.0
+
+# Pure-Python packages whose version on the GPU machine differs from this venv's: not carried
+# (the machine has them), but ``build.py`` unpacks them into ``.gpu_bundle/cache/mirror`` so
+# the dry run (``import_check.py --mirror``) imports SGLang against the GPU machine's version.
+GPU_MIRROR: dict[str, str] = {
+    "transformers": "5.17.0",
+}

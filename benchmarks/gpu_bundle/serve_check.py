@@ -458,6 +458,12 @@ def main() -> int:
         return 1
 
     env = dict(os.environ)
+    aot = (check.summary["environment"].get("bundle") or {}).get("flashinfer_aot") or {}
+    if "prefill_fa3" not in aot and "SGLANG_FLASHINFER_USE_PAGED" not in env:
+        # Without a prebuilt FA3 module SGLang's ragged prefill would JIT it for minutes: use
+        # the paged FA2 prefill (prebuilt) for every run alike.
+        env["SGLANG_FLASHINFER_USE_PAGED"] = "1"
+    check.summary["server_env"] = {k: v for k, v in env.items() if k.startswith(("SGLANG_", "FREEKV_", "FLASHINFER_"))}
     port = 31000
     labels = [r for r in args.runs.split(",") if r] + [r for r in args.extra.split(",") if r]
     optional = {r for r in args.extra.split(",") if r}

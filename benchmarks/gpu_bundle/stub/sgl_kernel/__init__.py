@@ -14,7 +14,7 @@ clear line instead of an obscure import or attribute error. Any ``sgl_kernel.<su
 is a stub module of the same kind. Never install this next to the real ``sgl_kernel``.
 
 ``_ACCESSED`` records every placeholder name that was looked up (imports bind names without
-calling them), ``_CALLED`` every name that was called; ``SGL_KERNEL_STUB_LOG=1`` prints each
+calling them), ``_CALLED`` every name that was called; ``FREEKV_STUB_LOG=1`` prints each
 first call to stderr.
 """
 
@@ -41,7 +41,7 @@ class SglKernelStubError(RuntimeError):
 def _note_call(qualname: str) -> None:
     if qualname not in _CALLED:
         _CALLED.add(qualname)
-        if os.environ.get("SGL_KERNEL_STUB_LOG") == "1":
+        if os.environ.get("FREEKV_STUB_LOG") == "1":
             print(f"sgl_kernel stub: {qualname} called", file=sys.stderr, flush=True)
 
 
