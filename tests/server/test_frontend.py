@@ -45,7 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     args = ["--model-path", embedded_model_path(), "--dtype", "float32",
             "--kv-policy", "freekv", "--freekv-config", json.dumps(FREEKV_CFG),
             "--enable-metrics"]
-    with run_server(args, tmp_path_factory.mktemp("frontend")) as srv:
+    # 600 s: a start took 274 s while other servers shared the 2 cores (~40 s when idle).
+    with run_server(args, tmp_path_factory.mktemp("frontend"), timeout_s=600) as srv:
         load_example("_common").connect(srv.url, chat_template="chatml")
         yield srv
 
