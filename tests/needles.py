@@ -11,9 +11,10 @@ page, ``split="mid"`` splits the value in the middle, ``split=None`` leaves the 
 Needle shapes (:data:`SHAPES`): ``digits5`` .. ``digits9`` (numbers without a leading zero),
 ``uuid`` (UUID-like ``8hex-4hex``), ``phrase`` (four words), ``two`` (two 7-digit needles with
 different keys half a haystack apart; the question asks for the first, the second is a
-distractor of the same form: both compete for the same query). Haystacks (:data:`HAYSTACKS`): ``repeat`` (the passkey
-filler sentences) and ``varied`` (Newton's *Opticks*, a plain-text book shipped inside the
-venv by ``tvm_ffi``; a seeded synthetic text when that file is missing).
+distractor of the same form: both compete for the same query). Haystacks
+(:data:`HAYSTACKS`): ``repeat`` (the passkey filler sentences) and ``varied`` (Newton's
+*Opticks*, a plain-text book shipped inside the venv by ``tvm_ffi``; a seeded synthetic text
+when that file is missing).
 
 Every haystack of one (haystack, context, seed) is a *prefix of one token stream*, so prompts
 that differ only in needle depth or shape share the haystack before their needle (the radix
