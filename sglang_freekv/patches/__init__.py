@@ -18,6 +18,7 @@ Modules, each owning the SGLang symbols it touches (its ``TARGETS`` and docstrin
 - ``freekv_backend``: the ``freekv`` attention backend (a wrapper of SGLang's own) and the
   release hooks.
 - ``freekv_metrics``: Prometheus counters and gauges per TP rank.
+- ``request_checks``: requests refused before they are scheduled (an empty prompt).
 """
 
 from __future__ import annotations
@@ -107,9 +108,16 @@ def apply_all() -> None:
     try:
         from sglang.srt.plugins.hook_registry import HookRegistry
 
-        from sglang_freekv.patches import cpu_platform, freekv_backend, freekv_pool, server_args
+        from sglang_freekv.patches import (
+            cpu_platform,
+            freekv_backend,
+            freekv_pool,
+            request_checks,
+            server_args,
+        )
 
-        targets = [*server_args.TARGETS, *freekv_pool.TARGETS, *freekv_backend.TARGETS]
+        targets = [*server_args.TARGETS, *freekv_pool.TARGETS, *freekv_backend.TARGETS,
+                   *request_checks.TARGETS]
         if cpu_platform.active():
             targets += list(cpu_platform.active_targets())
         for target in targets:  # before registering: a missing one names itself here
@@ -118,6 +126,7 @@ def apply_all() -> None:
         server_args.register()
         freekv_pool.register()
         freekv_backend.register()
+        request_checks.register()
         # Apply now (load_plugins applies again afterwards; applied targets are skipped),
         # so a hook SGLang could not apply is caught here instead of logged.
         HookRegistry.apply_hooks()
@@ -128,10 +137,16 @@ def apply_all() -> None:
 
 def all_targets() -> list[str]:
     """Every SGLang symbol any FreeKV hook may touch (for tests and docs)."""
-    from sglang_freekv.patches import cpu_platform, freekv_backend, freekv_pool, server_args
+    from sglang_freekv.patches import (
+        cpu_platform,
+        freekv_backend,
+        freekv_pool,
+        request_checks,
+        server_args,
+    )
 
     return [*server_args.TARGETS, *freekv_pool.TARGETS, *freekv_backend.TARGETS,
-            *cpu_platform.TARGETS]
+            *request_checks.TARGETS, *cpu_platform.TARGETS]
 
 
 __all__ = ["PINNED_SGLANG", "HookTargetError", "all_targets", "apply_all", "resolve_target",

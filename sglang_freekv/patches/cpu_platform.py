@@ -5,9 +5,9 @@ Active only when :func:`sglang_freekv.platform.cpu_platform_wanted` is true. Cha
   to True so the weight loader pads heads that do not divide by the TP size (SGLang pads the
   config itself for ``device == "cpu"``; these module flags gate the matching weight paths and
   are computed from the in-tree ``is_cpu()``, which is False for an out-of-tree platform).
-- ``sglang.srt.utils.numa_utils.init_threads_binding`` (AROUND): with more ranks than NUMA
-  nodes and no ``SGLANG_CPU_OMP_THREADS_BIND``, split this process's allowed CPUs evenly
-  between the ranks instead of asserting.
+- ``sglang.srt.utils.numa_utils.init_threads_binding`` (AROUND): with more ranks on this node
+  (``world_size / nnodes``) than NUMA nodes and no ``SGLANG_CPU_OMP_THREADS_BIND``, split this
+  process's allowed CPUs evenly between this node's ranks instead of asserting.
 - ``sglang.srt.distributed.bootstrap._init_cpu_threads_env`` (REPLACE): pin the rank to its
   CPUs with ``os.sched_setaffinity`` and size torch's thread pool to them (the in-tree
   version needs sgl_kernel's CPU ops). Without pinning, two TP2 ranks fight over the same
@@ -128,10 +128,19 @@ def _threads_binding(orig: Callable[..., Any], *, numa_index: int, world_size: i
         return orig(numa_index=numa_index, world_size=world_size)
     from sglang.srt.utils.common import get_cpu_ids_by_node
 
-    if world_size <= len(get_cpu_ids_by_node()):
-        return orig(numa_index=numa_index, world_size=world_size)
+    # Ranks on this node: SGLang passes the global world size; with --nnodes each node
+    # runs world_size / nnodes of them (numa_index is the rank's local device id).
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        nnodes = max(1, int(getattr(get_server_args(), "nnodes", 1) or 1))
+    except Exception:  # noqa: BLE001 - no published record: a single node
+        nnodes = 1
+    local = max(1, world_size // nnodes)
+    if local <= len(get_cpu_ids_by_node()):
+        return orig(numa_index=numa_index, world_size=local)
     allowed = sorted(os.sched_getaffinity(0))
-    share = split_cpus(allowed, world_size, numa_index % world_size)
+    share = split_cpus(allowed, local, numa_index % local)
     return ",".join(map(str, share))
 
 

@@ -15,7 +15,6 @@ Changes (only when ``--kv-policy freekv`` is active in this process):
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -38,22 +37,6 @@ TARGETS = (_RESOLVE_CONFIG, _RESOLVE_CLASS, _ADMIT)
 
 # The plan of this process (one model runner per scheduler process) and its pool.
 ACTIVE: dict[str, Any] = {"plan": None, "pool": None, "backend": None, "scheduler": None}
-
-
-def _host_bytes_per_token(model_path: str | None, dtype: torch.dtype) -> int | None:
-    """Host-tier bytes of one token over all layers and KV heads (all ranks)."""
-    if not model_path or not (Path(model_path) / "config.json").is_file():
-        return None
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    text = cfg.get("text_config") or cfg
-    layers = text.get("num_hidden_layers")
-    heads = text.get("num_key_value_heads") or text.get("num_attention_heads")
-    head_dim = text.get("head_dim") or (
-        text.get("hidden_size", 0) // max(1, text.get("num_attention_heads", 1)))
-    if not (layers and heads and head_dim):
-        return None
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * int(layers) * int(heads) * int(head_dim) * elem
 
 
 def check_dense_layers(cfg: FreeKVConfig, num_layers: int, model: str) -> None:
@@ -85,9 +68,9 @@ def _resolve_memory_pool_config(orig: Any, self: Any, pre_model_load_memory: int
         num_layers=num_layers, num_dense_layers=dense,
         num_qo_heads=mc.get_num_attention_heads(tp), num_kv_heads=mc.get_num_kv_heads(tp),
         head_dim=mc.head_dim, elem_bytes=torch.empty((), dtype=self.kv_cache_dtype).element_size())
-    per_token = _host_bytes_per_token(self.server_args.model_path, self.kv_cache_dtype)
-    if per_token is None:  # no local config.json: this rank's heads times the TP size
-        per_token = shape.row_bytes * num_layers * tp
+    # host tier bytes per token over every rank (each keeps this rank's head count), as the
+    # launcher counted them when it resolved host_memory_gb
+    per_token = shape.row_bytes * num_layers * tp
     plan = plan_device_memory(
         available_bytes=available, shape=shape, page_size=cfg.page_size, budget=cfg.budget,
         top_k=cfg.top_k, context_len=mc.context_len,

@@ -114,8 +114,11 @@ def resolve_policy(policy: str, config_json: str | None, model_path: str | None)
     return config.to_json()
 
 
-def _bytes_per_token(model_path: str | None, dtype: str | None) -> int | None:
-    """Host-tier bytes of one token over all layers and KV heads (None if unknown)."""
+def _bytes_per_token(model_path: str | None, dtype: str | None, tp: int = 1) -> int | None:
+    """Host-tier bytes of one token over all layers and the KV heads of every rank (None if
+    unknown): each of ``tp`` ranks keeps ``ceil(H / tp)`` heads (replicated when ``tp`` > H,
+    padded when ``tp`` does not divide H), so ``host_memory_gb`` is the real host RAM of the
+    tier over all ranks."""
     if not model_path or not (Path(model_path) / "config.json").is_file():
         return None
     cfg = json.loads((Path(model_path) / "config.json").read_text())
@@ -128,7 +131,9 @@ def _bytes_per_token(model_path: str | None, dtype: str | None) -> int | None:
     if dtype in ("auto", None):
         dtype = str(text.get("dtype") or text.get("torch_dtype") or "bfloat16")
     elem = 4 if "32" in dtype or dtype == "float" else 2
-    return 2 * int(layers) * int(heads) * int(head_dim) * elem
+    tp = max(1, int(tp))
+    heads_all_ranks = -(-int(heads) // tp) * tp
+    return 2 * int(layers) * heads_all_ranks * int(head_dim) * elem
 
 
 def _context_length(args: argparse.Namespace) -> int | None:
@@ -227,7 +232,8 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> FreeKVC
         args.max_running_requests = CPU_MAX_RUNNING_REQUESTS
     config, source = _resolve_host_tier(config)
     host_bytes = int(config.host_memory_gb * 2**30)  # type: ignore[operator]
-    per_token = _bytes_per_token(getattr(args, "model_path", None), getattr(args, "dtype", "auto"))
+    per_token = _bytes_per_token(getattr(args, "model_path", None), getattr(args, "dtype", "auto"),
+                                 int(getattr(args, "tp_size", 1) or 1))
     if per_token is None:
         print(f"freekv: host tier {host_bytes / 2**30:.2f} GiB ({source})", file=sys.stderr,
               flush=True)

@@ -150,9 +150,11 @@ class FreeKVServing:
             decode_step = "device" if self.device.type == "cuda" else "host"
         self.device_step: FreeKVDeviceStep | None = None
         if decode_step == "device":
-            if kb0.shape[0] < rows.buffer_rows:
+            short = [i for i in self.sparse_layers if k_buffers[i].shape[0] < rows.buffer_rows]
+            if short:
                 raise ValueError(f"the device step needs {rows.buffer_rows} rows per sparse "
-                                 f"layer (scratch rows included), got {kb0.shape[0]}")
+                                 f"layer (scratch rows included); layer {short[0]} has "
+                                 f"{k_buffers[short[0]].shape[0]}")
             self.device_step = FreeKVDeviceStep(
                 self.cache, max_bs=max_bs or rows.max_reqs, scratch_row=rows.scratch_row)
         self.slots = BudgetSlots(rows.max_reqs, rows.budget)
