@@ -2,8 +2,9 @@
 # FreeKV GPU check for a bare GPU machine (torch + triton only, no sglang), run from the
 # repo root: kernel + core tests on CUDA, then the recall and select benchmarks on cuda.
 # Logs and JSON land in $OUT (default benchmarks/results/gpu). Total budget < 8 minutes
-# (tests 270 s + two benchmarks 90 s each + start-up); each step has its own timeout and a
-# failing step does not stop the next. Without a CUDA device it stops after the environment
+# (tests 270 s + two benchmarks 90 s each + start-up; GPU_CHECK_PYTEST_S and GPU_CHECK_BENCH_S
+# shorten them, GPU_CHECK_BENCH_ARGS=--quick shrinks the benchmarks); each step has its own
+# timeout and a failing step does not stop the next. Without a CUDA device it stops after the environment
 # step with exit status 3 (GPU_CHECK_ALLOW_CPU=1 runs the same steps on CPU, slowly).
 # The SGLang serving check is benchmarks/gpu_serve_check.sh.
 set -uo pipefail
@@ -14,6 +15,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || PY=python
 status=0
+PYTEST_S=${GPU_CHECK_PYTEST_S:-270}
+BENCH_S=${GPU_CHECK_BENCH_S:-90}
 
 echo "== environment" | tee "$OUT/env.log"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
@@ -21,7 +24,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')" 2>&1 
 (nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current \
   --format=csv 2>&1 || true) | tee -a "$OUT/env.log"
 DEV=cuda
-BENCH_ARGS=()
+read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:-}"
 if ! $PY -c "import torch, triton" >/dev/null 2>&1; then
   echo "gpu_check.sh: $PY cannot import torch and triton; nothing was run (set PYTHON)." | tee -a "$OUT/env.log"
   exit 3
@@ -34,13 +37,13 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   fi
   echo "gpu_check.sh: no CUDA device; GPU_CHECK_ALLOW_CPU=1: tests in the interpreter, quick benchmarks on CPU" | tee -a "$OUT/env.log"
   DEV=cpu
-  BENCH_ARGS=(--quick)
+  BENCH_ARGS+=(--quick)
 fi
 
 echo "== tests (tests/kernels tests/core)"
 if $PY -c "import pytest" >/dev/null 2>&1; then
   # The tests need neither sglang nor pytest plugins.
-  if ! timeout -k 10 270 $PY -m pytest tests/kernels tests/core -q -p no:cacheprovider -rs \
+  if ! timeout -k 10 "$PYTEST_S" $PY -m pytest tests/kernels tests/core -q -p no:cacheprovider -rs \
       2>&1 | tee "$OUT/pytest.log"; then
     echo "pytest FAILED (see $OUT/pytest.log)" | tee -a "$OUT/pytest.log"
     status=1
@@ -50,7 +53,7 @@ else
 fi
 
 echo "== bench_recall ($DEV)"
-if ! timeout -k 5 90 $PY benchmarks/bench_recall.py --device $DEV ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} 2>&1 | tee "$OUT/bench_recall.log"; then
+if ! timeout -k 5 "$BENCH_S" $PY benchmarks/bench_recall.py --device $DEV ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} 2>&1 | tee "$OUT/bench_recall.log"; then
   echo "bench_recall FAILED" | tee -a "$OUT/bench_recall.log"
   status=1
 fi
@@ -62,7 +65,7 @@ if [ -f benchmarks/bench_select.py ]; then
     args=(--device $DEV)
   fi
   args+=(${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"})
-  if ! timeout -k 5 90 $PY benchmarks/bench_select.py ${args[@]+"${args[@]}"} 2>&1 | tee "$OUT/bench_select.log"; then
+  if ! timeout -k 5 "$BENCH_S" $PY benchmarks/bench_select.py ${args[@]+"${args[@]}"} 2>&1 | tee "$OUT/bench_select.log"; then
     echo "bench_select FAILED" | tee -a "$OUT/bench_select.log"
     status=1
   fi

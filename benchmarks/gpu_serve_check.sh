@@ -102,6 +102,11 @@ print(len(sos), 'prebuilt modules')" || status=1
   exit $status
 fi
 
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  say "no CUDA device visible to $PY: nothing launched (use --dry-run on a machine without a GPU)"
+  printf '{"result": "no CUDA device visible to %s; nothing launched"}\n' "$PY" > "$OUT/summary.json"
+  exit 3
+fi
 export PYTHONPATH=$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
 REMAIN=$(( $(left) - 20 ))
 say "serve_check.py (budget $REMAIN s)"

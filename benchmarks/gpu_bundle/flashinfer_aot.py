@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 
+DEFAULT_MODULES = ("decode", "prefill_fa2", "cascade")
+
+
 def _stub_libcuda() -> str:
     """FlashInfer links ``-lcuda``; this machine has no driver, so link a stub (soname .so.1)."""
     d = Path(tempfile.mkdtemp(prefix="libcuda_stub_"))
@@ -95,7 +98,7 @@ def main() -> int:
     parser.add_argument("--json", required=True, help="report: module name -> .so path")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--only", default="decode,prefill_fa2,cascade",
+    parser.add_argument("--only", default=",".join(DEFAULT_MODULES),
                         help="comma-separated modules to build (add prefill_fa3 for FA3)")
     parser.add_argument("--force", action="store_true", help="rebuild cached modules")
     args = parser.parse_args()

@@ -271,6 +271,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "trace": traceback.format_exc()[-2500:]}
                 )
 
+    if args.overlay:
+        # The bundle's prebuilt FlashInfer modules resolve as AOT (no JIT) for the arguments
+        # the wrappers' plan() passes (flashinfer_aot.specs builds the same specs).
+        try:
+            from flashinfer_aot import DEFAULT_MODULES, specs
+
+            resolved = {label: bool(spec.is_aot) for label, spec in specs("bfloat16", 64).items()
+                        if label in DEFAULT_MODULES}
+            report["flashinfer_aot_resolved"] = resolved
+            if not all(resolved.values()):
+                report["failures"].append({"step": "flashinfer aot", "error": f"not AOT: {resolved}"})
+        except BaseException as exc:  # noqa: BLE001
+            report["failures"].append({"step": "flashinfer aot", "error": f"{type(exc).__name__}: {exc}",
+                                       "trace": traceback.format_exc()[-2500:]})
+
     stub = sys.modules.get("sgl_kernel")
     report["sgl_kernel_names_imported"] = sorted(getattr(stub, "_ACCESSED", []))
     report["sgl_kernel_names_called"] = sorted(getattr(stub, "_CALLED", []))

@@ -41,12 +41,30 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-DECODE_CONTEXT = 16384  # prompt tokens of the decode-speed request
-DECODE_NEW_TOKENS = 128
-EQUIV_PROMPTS = (64, 700, 1900)  # prompt lengths; each + EQUIV_NEW_TOKENS <= budget 2048
-EQUIV_NEW_TOKENS = 48
-FREEKV_CONFIG = {"budget": 2048, "sink": 512, "window": 512, "host_memory_gb": 4}
-FREEKV_DENSE_CONFIG = {"budget": 18432, "sink": 512, "window": 512, "host_memory_gb": 4}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    decode_context: int  # prompt tokens of the decode-speed request (and of equivalence_16k)
+    decode_new_tokens: int
+    equiv_prompts: tuple[int, ...]  # each + equiv_new_tokens <= freekv budget: all on device
+    equiv_new_tokens: int
+    freekv: dict[str, Any]  # --freekv-config of the sparse run
+    freekv_dense: dict[str, Any]  # budget > decode_context + equiv_new_tokens
+    max_total_tokens: int  # default policy's pool (bounded: fast start)
+    warmup: tuple[int, int] = (512, 16)  # prompt, new tokens of the decode warm-up request
+
+
+GPU_SIZES = Sizes(16384, 128, (64, 700, 1900), 48,
+                  {"budget": 2048, "sink": 512, "window": 512, "host_memory_gb": 4},
+                  {"budget": 18432, "sink": 512, "window": 512, "host_memory_gb": 4}, 262144)
+# --rehearsal: the same driver against CPU servers (product CPU platform), small sizes; checks
+# the driver's HTTP handling before GPU time is spent on it.
+REHEARSAL_SIZES = Sizes(384, 6, (32, 200), 6,
+                        {"budget": 256, "sink": 64, "window": 128, "host_memory_gb": 1},
+                        {"budget": 512, "sink": 64, "window": 128, "host_memory_gb": 1}, 65536,
+                        warmup=(32, 2))
+S = GPU_SIZES
 PID_FILE = Path("/tmp/freekv_serve_check.pgids")  # the shell kills these groups at the end
 SERVER_READY_S = 240  # per server: imports, weights, FlashInfer load, the store_cache JIT
 LOG_LINES = re.compile(
@@ -72,7 +90,7 @@ def launch_args(model: str, policy: str, freekv_config: dict | None, port: int,
     if freekv_config is not None:
         argv += ["--freekv-config", json.dumps(freekv_config)]
     else:
-        argv += ["--max-total-tokens", "262144"]  # bounded pool: fast start, same for every run
+        argv += ["--max-total-tokens", str(S.max_total_tokens)]  # bounded pool: fast start
     if not graphs:
         argv += ["--disable-cuda-graph"]
     return argv
@@ -195,7 +213,10 @@ def make_model(src: Path, dst: Path, seed: int = 0) -> dict[str, Any]:
     dst.mkdir(parents=True)
     config = AutoConfig.from_pretrained(src)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    except TypeError:  # transformers without the `dtype` keyword
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
     model.save_pretrained(dst, safe_serialization=True)
     for f in src.iterdir():
         if f.is_file() and not (dst / f.name).exists():
@@ -284,7 +305,7 @@ class Server:
         if logprobs:
             payload.update({"return_logprob": True, "top_logprobs_num": 2,
                             "logprob_start_len": len(input_ids) - 1})
-        r = requests.post(f"{self.url}/generate", json=payload, timeout=timeout)
+        r = requests.post(f"{self.url}/generate", json=payload, timeout=(10, timeout))
         if r.status_code != 200:
             raise RuntimeError(f"/generate HTTP {r.status_code}: {r.text[:500]}")
         return r.json()
@@ -298,7 +319,8 @@ class Server:
                                        "ignore_eos": True}}
         t0 = time.time()
         marks: list[tuple[float, int]] = []
-        with requests.post(f"{self.url}/generate", json=payload, stream=True, timeout=timeout) as r:
+        with requests.post(f"{self.url}/generate", json=payload, stream=True,
+                           timeout=(10, timeout)) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"/generate HTTP {r.status_code}: {r.text[:500]}")
             for raw in r.iter_lines():
@@ -328,10 +350,13 @@ def prompt_ids(length: int, seed: int, vocab: int = 49152) -> list[int]:
     return [rng.randrange(100, vocab) for _ in range(length)]  # skip special ids at the bottom
 
 
-def equivalence_requests(server: Server, lengths: tuple[int, ...], new_tokens: int) -> list[dict[str, Any]]:
+def equivalence_requests(server: Server, lengths: tuple[int, ...], new_tokens: int,
+                         seed: int) -> list[dict[str, Any]]:
     results = []
     for i, n in enumerate(lengths):
-        r = server.generate(prompt_ids(n, seed=1000 + i), new_tokens, timeout=120, logprobs=True)
+        # Distinct seeds per workload: no prompt shares a prefix with an earlier one, so no
+        # run takes a radix-cache path the other run does not.
+        r = server.generate(prompt_ids(n, seed=seed + i), new_tokens, timeout=600, logprobs=True)
         meta = r.get("meta_info", {})
         toks = meta.get("output_token_logprobs") or []
         tops = meta.get("output_top_logprobs") or []
@@ -354,16 +379,16 @@ def run_server_workload(check: Check, label: str, argv: list[str], port: int, en
         res["ready_s"] = server.start(min(SERVER_READY_S, max(check.left() - 30, 30)))
         log(f"{label}: ready in {res['ready_s']} s")
         check.save()
-        for key in ("equivalence", "equivalence_16k"):
+        for key, seed in (("equivalence", 1000), ("equivalence_16k", 5000)):
             if workload.get(key):
                 res[key] = _guard(lambda: equivalence_requests(
-                    server, workload[key], EQUIV_NEW_TOKENS))
+                    server, workload[key], S.equiv_new_tokens, seed))
                 check.save()
         if workload.get("decode"):
             def decode() -> dict[str, Any]:
-                server.stream_decode(prompt_ids(512, seed=7), 16, timeout=120)  # warm-up
+                server.stream_decode(prompt_ids(S.warmup[0], seed=7), S.warmup[1], timeout=600)
                 runs = [server.stream_decode(prompt_ids(workload["decode"], seed=2000 + k),
-                                             DECODE_NEW_TOKENS, timeout=180) for k in range(2)]
+                                             S.decode_new_tokens, timeout=600) for k in range(2)]
                 return {"runs": runs, "decode_tok_s": max(r["decode_tok_s"] for r in runs)}
             res["decode"] = _guard(decode)
             check.save()
@@ -428,7 +453,12 @@ def main() -> int:
     parser.add_argument("--extra", default="freekv_dense16k,default_graphs",
                         help="optional runs, each only while enough time is left")
     parser.add_argument("--dry-run", action="store_true", help="stop before the first GPU step")
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="small sizes, CPU servers allowed (checks this driver, not the GPU)")
     args = parser.parse_args()
+    global S, RUNS
+    if args.rehearsal:
+        S, RUNS = REHEARSAL_SIZES, make_runs(REHEARSAL_SIZES)
 
     def _terminate(signum: int, frame: Any) -> None:
         # `timeout` sends SIGTERM: unwind so every server's `finally: stop()` runs.
@@ -438,10 +468,12 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check = Check(out=out, deadline=time.time() + args.budget_s,
-                  summary={"started": time.time(), "dry_run": args.dry_run, "steps": {}, "runs": {}})
+                  summary={"started": time.time(), "dry_run": args.dry_run,
+                           "rehearsal": args.rehearsal, "sizes": S.__dict__, "steps": {}, "runs": {}})
     check.summary["environment"] = environment(Path(args.bundle_json) if args.bundle_json else None)
     check.save()
-    check.step("preflight", lambda: preflight(out, timeout=min(150, check.left())))
+    if os.environ.get("SERVE_CHECK_PREFLIGHT", "1") != "0" and not args.rehearsal:
+        check.step("preflight", lambda: preflight(out, timeout=min(150, check.left())))
     model = check.step("model", lambda: make_model(Path(args.model_src), Path(args.model_dir)))
     if args.dry_run:
         check.summary["launch_args"] = {
@@ -498,15 +530,20 @@ def main() -> int:
     return 0 if all(s["ok"] for s in check.summary["steps"].values()) else 1
 
 
-# label -> (policy, freekv config, CUDA graphs, workload, seconds it needs when optional)
-RUNS: dict[str, tuple[str, dict | None, bool, dict[str, Any], int]] = {
-    "default": ("default", None, False, {"equivalence": EQUIV_PROMPTS,
-                                         "equivalence_16k": (DECODE_CONTEXT,),
-                                         "decode": DECODE_CONTEXT}, 0),
-    "freekv": ("freekv", FREEKV_CONFIG, False, {"equivalence": EQUIV_PROMPTS, "decode": DECODE_CONTEXT}, 0),
-    "freekv_dense16k": ("freekv", FREEKV_DENSE_CONFIG, False, {"equivalence_16k": (DECODE_CONTEXT,)}, 150),
-    "default_graphs": ("default", None, True, {"decode": DECODE_CONTEXT}, 150),
-}
+def make_runs(sizes: Sizes) -> dict[str, tuple[str, dict | None, bool, dict[str, Any], int]]:
+    """label -> (policy, freekv config, CUDA graphs, workload, seconds it needs if optional)."""
+    ctx = sizes.decode_context
+    return {
+        "default": ("default", None, False, {"equivalence": sizes.equiv_prompts,
+                                             "equivalence_16k": (ctx,), "decode": ctx}, 0),
+        "freekv": ("freekv", sizes.freekv, False, {"equivalence": sizes.equiv_prompts,
+                                                   "decode": ctx}, 0),
+        "freekv_dense16k": ("freekv", sizes.freekv_dense, False, {"equivalence_16k": (ctx,)}, 150),
+        "default_graphs": ("default", None, True, {"decode": ctx}, 150),
+    }
+
+
+RUNS = make_runs(GPU_SIZES)
 
 
 if __name__ == "__main__":
