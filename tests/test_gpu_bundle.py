@@ -52,17 +52,26 @@ def test_manifest_names_are_missing_on_the_gpu_machine() -> None:
     assert not both, f"already on the GPU machine, do not carry: {both}"
 
 
-def test_manifest_versions_match_this_venv() -> None:
-    # The bundle must carry what SGLang 0.5.23's install resolved (same wheels, cp312 builds).
-    drift = {}
-    for name, version in manifest.BUNDLED.items():
+def test_manifest_versions_satisfy_the_requirements() -> None:
+    # Every carried version satisfies what sglang 0.5.23 and the other carried distributions
+    # require (read from this venv's metadata; sglang is pinned, so this does not drift).
+    from packaging.requirements import Requirement
+
+    bundled = {normalize(n): v for n, v in manifest.BUNDLED.items()}
+    broken = []
+    for dist in ["sglang", *manifest.BUNDLED]:
         try:
-            have = importlib.metadata.version(name)
+            requires = importlib.metadata.requires(dist) or []
         except importlib.metadata.PackageNotFoundError:
             continue
-        if have != version:
-            drift[name] = (version, have)
-    assert not drift, f"manifest version != installed version: {drift}"
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate({"extra": "", "python_version": "3.12"}):
+                continue
+            have = bundled.get(normalize(req.name))
+            if have is not None and not req.specifier.contains(have, prereleases=True):
+                broken.append(f"{dist} requires {req}, manifest has {have}")
+    assert not broken, broken
 
 
 STUB = f"""
@@ -118,7 +127,7 @@ def test_check_platform_activates_only_on_cuda_when_asked() -> None:
 
 
 def test_serve_check_helpers() -> None:
-    from serve_check import RUNS, compare, launch_args
+    from serve_check import RUNS, compare, launch_args, make_verdict
 
     argv = launch_args("/m", "freekv", {"budget": 2048}, port=1234)
     assert argv[argv.index("--kv-policy") + 1] == "freekv"
@@ -136,6 +145,15 @@ def test_serve_check_helpers() -> None:
     assert not diff["identical"] and diff["first_divergence"] == 2
     assert diff["max_abs_logprob_diff"] == pytest.approx(0.1)
     assert compare({"error": "x"}, a)["comparable"] is False
+    assert "--attention-backend" in launch_args("/m", "default", None, 1, flags=RUNS["freekv_triton"].flags)
+    verdict = make_verdict({
+        "default": {"equivalence": a, "decode": {"decode_tok_s": 100.0}},
+        "freekv": {"equivalence": b, "decode": {"decode_tok_s": 150.0}},
+        "freekv_dense16k": {"error": "RuntimeError: server exited"},
+    })
+    assert verdict["decode_16k"]["freekv_vs_default"] == 1.5
+    assert verdict["equivalence_budget_ge_context"]["all_identical"] is False
+    assert "freekv_dense16k" in verdict["failed_runs"]
 
 
 def test_server_import_path_needs_only_the_gpu_machine_and_the_bundle(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def log(msg: str) -> None:
 
 
 def launch_args(model: str, policy: str, freekv_config: dict | None, port: int,
-                graphs: bool = False) -> list[str]:
+                graphs: bool = False, flags: tuple[str, ...] = ()) -> list[str]:
     """``sglang.launch_server`` flags of one run (the import check resolves these too)."""
     argv = [
         "--model-path", model, "--host", "127.0.0.1", "--port", str(port),
@@ -93,7 +93,7 @@ def launch_args(model: str, policy: str, freekv_config: dict | None, port: int,
         argv += ["--max-total-tokens", str(S.max_total_tokens)]  # bounded pool: fast start
     if not graphs:
         argv += ["--disable-cuda-graph"]
-    return argv
+    return argv + list(flags)
 
 
 @dataclass
@@ -291,7 +291,8 @@ class Server:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return []
-        return [ln[:400] for ln in lines if LOG_LINES.search(ln)][:limit]
+        return [ln[:400] for ln in lines
+                if LOG_LINES.search(ln) and "warnings.warn" not in ln and "UserWarning" not in ln][:limit]
 
     def generate(self, input_ids: list[int], max_new_tokens: int, timeout: float,
                  logprobs: bool = False, ignore_eos: bool = True) -> dict[str, Any]:
@@ -418,6 +419,33 @@ def _guard(fn: Callable[[], Any]) -> Any:
                 "trace": traceback.format_exc()[-2000:]}
 
 
+def _decode_ratio(d: dict[str, Any], f: dict[str, Any]) -> dict[str, Any] | None:
+    d, f = d.get("decode") or {}, f.get("decode") or {}
+    if "decode_tok_s" not in d or "decode_tok_s" not in f:
+        return None
+    return {"default_tok_s": d["decode_tok_s"], "freekv_tok_s": f["decode_tok_s"],
+            "freekv_vs_default": round(f["decode_tok_s"] / d["decode_tok_s"], 3)}
+
+
+def make_verdict(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The headline numbers: equivalence at budget >= context, decode tok/s ratio per backend."""
+    verdict: dict[str, Any] = {}
+    for a, b, suffix in (("default", "freekv", ""), ("default_triton", "freekv_triton", "_triton")):
+        if a in runs and b in runs:
+            verdict[f"equivalence_budget_ge_context{suffix}"] = compare(
+                runs[a].get("equivalence"), runs[b].get("equivalence"))
+            ratio = _decode_ratio(runs[a], runs[b])
+            if ratio is not None:
+                verdict[f"decode_16k{suffix}"] = ratio
+    if "default" in runs and "equivalence_16k" in runs.get("freekv_dense16k", {}):
+        verdict["equivalence_16k_budget_ge_context"] = compare(
+            runs["default"].get("equivalence_16k"), runs["freekv_dense16k"]["equivalence_16k"])
+    failed = {k: v["error"][:300] for k, v in runs.items() if isinstance(v, dict) and "error" in v}
+    if failed:
+        verdict["failed_runs"] = failed
+    return verdict
+
+
 def compare(a: list[dict[str, Any]] | Any, b: list[dict[str, Any]] | Any) -> dict[str, Any]:
     """Greedy token ids of two runs, prompt by prompt; at a divergence, the top-2 gap there."""
     if not isinstance(a, list) or not isinstance(b, list):
@@ -477,7 +505,8 @@ def main() -> int:
     model = check.step("model", lambda: make_model(Path(args.model_src), Path(args.model_dir)))
     if args.dry_run:
         check.summary["launch_args"] = {
-            label: launch_args(args.model_dir, *RUNS[label][:2], port=30000, graphs=RUNS[label][2])
+            label: launch_args(args.model_dir, RUNS[label].policy, RUNS[label].freekv_config,
+                               port=30000, graphs=RUNS[label].graphs, flags=RUNS[label].flags)
             for label in RUNS
         }
         check.summary["result"] = "dry run: stopped before the GPU steps"
@@ -500,29 +529,21 @@ def main() -> int:
     labels = [r for r in args.runs.split(",") if r] + [r for r in args.extra.split(",") if r]
     optional = {r for r in args.extra.split(",") if r}
     for label in labels:
-        policy, cfg, graphs, workload, need_s = RUNS[label]
-        if label in optional and check.left() < need_s:
-            check.summary["runs"][label] = {"skipped": f"{check.left():.0f} s left < {need_s} s"}
+        if label not in RUNS:
+            check.summary["runs"][label] = {"skipped": f"unknown run; known: {sorted(RUNS)}"}
+            continue
+        run = RUNS[label]
+        if label in optional and check.left() < run.need_s:
+            check.summary["runs"][label] = {"skipped": f"{check.left():.0f} s left < {run.need_s} s"}
             check.save()
             continue
-        run_env = dict(env, FREEKV_GPU_CHECK_GRAPHS="1" if graphs else "0")
+        run_env = dict(env, FREEKV_GPU_CHECK_GRAPHS="1" if run.graphs else "0")
         port += 1
+        argv = launch_args(args.model_dir, run.policy, run.freekv_config, port, run.graphs, run.flags)
         check.step(f"run_{label}", lambda: run_server_workload(
-            check, label, launch_args(args.model_dir, policy, cfg, port, graphs), port, run_env,
-            workload))
+            check, label, argv, port, run_env, run.workload))
 
-    runs = check.summary["runs"]
-    verdict: dict[str, Any] = {}
-    if "default" in runs and "freekv" in runs:
-        verdict["equivalence_budget_ge_context"] = compare(
-            runs["default"].get("equivalence"), runs["freekv"].get("equivalence"))
-        d, f = runs["default"].get("decode") or {}, runs["freekv"].get("decode") or {}
-        if "decode_tok_s" in d and "decode_tok_s" in f:
-            verdict["decode_16k"] = {"default_tok_s": d["decode_tok_s"], "freekv_tok_s": f["decode_tok_s"],
-                                     "freekv_vs_default": round(f["decode_tok_s"] / d["decode_tok_s"], 3)}
-    if "default" in runs and "equivalence_16k" in runs.get("freekv_dense16k", {}):
-        verdict["equivalence_16k_budget_ge_context"] = compare(
-            runs["default"].get("equivalence_16k"), runs["freekv_dense16k"]["equivalence_16k"])
+    verdict = make_verdict(check.summary["runs"])
     check.summary["verdict"] = verdict
     check.summary["result"] = "done"
     check.save()
@@ -530,16 +551,29 @@ def main() -> int:
     return 0 if all(s["ok"] for s in check.summary["steps"].values()) else 1
 
 
-def make_runs(sizes: Sizes) -> dict[str, tuple[str, dict | None, bool, dict[str, Any], int]]:
-    """label -> (policy, freekv config, CUDA graphs, workload, seconds it needs if optional)."""
+@dataclass(frozen=True)
+class Run:
+    policy: str
+    freekv_config: dict[str, Any] | None
+    graphs: bool
+    workload: dict[str, Any]
+    need_s: int = 0  # seconds it needs when optional (skipped with less left)
+    flags: tuple[str, ...] = ()  # extra launch flags
+
+
+def make_runs(sizes: Sizes) -> dict[str, Run]:
+    """Every run the check knows; ``--runs`` and ``--extra`` pick among them."""
     ctx = sizes.decode_context
+    both = {"equivalence": sizes.equiv_prompts, "decode": ctx}
+    triton = ("--attention-backend", "triton")
     return {
-        "default": ("default", None, False, {"equivalence": sizes.equiv_prompts,
-                                             "equivalence_16k": (ctx,), "decode": ctx}, 0),
-        "freekv": ("freekv", sizes.freekv, False, {"equivalence": sizes.equiv_prompts,
-                                                   "decode": ctx}, 0),
-        "freekv_dense16k": ("freekv", sizes.freekv_dense, False, {"equivalence_16k": (ctx,)}, 150),
-        "default_graphs": ("default", None, True, {"decode": ctx}, 150),
+        "default": Run("default", None, False, {**both, "equivalence_16k": (ctx,)}),
+        "freekv": Run("freekv", sizes.freekv, False, both),
+        "freekv_dense16k": Run("freekv", sizes.freekv_dense, False, {"equivalence_16k": (ctx,)}, 150),
+        "default_graphs": Run("default", None, True, {"decode": ctx}, 150),
+        # SGLang's Triton attention backend under both policies (the FreeKV wrapper wraps it).
+        "default_triton": Run("default", None, False, both, 150, triton),
+        "freekv_triton": Run("freekv", sizes.freekv, False, both, 150, triton),
     }
 
 
