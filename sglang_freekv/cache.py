@@ -27,7 +27,12 @@ from typing import Any
 
 import torch
 
-from sglang_freekv.cache_ops import CacheTables, apply_selection, write_prompt
+from sglang_freekv.cache_ops import (
+    CacheTables,
+    apply_selection,
+    fill_slots_from_host,
+    write_prompt,
+)
 from sglang_freekv.config import FreeKVConfig
 from sglang_freekv.layout import BudgetGeometry
 from sglang_freekv.plan import FreeKVDecodePlan, build_plan
@@ -174,6 +179,18 @@ class FreeKVCache:
         n_res = write_prompt(self, req_row, prompt_len, prompt_loc, ids, first_page=f)
         self.residency[:, req_row] = -1
         if n_res:
+            self.residency[:, req_row, :, :n_res] = torch.arange(
+                g.sink_pages, g.sink_pages + n_res, dtype=torch.int32, device=self.device)
+        self._forget_jobs(req_row)
+
+    def activate(self, req_row: int, seq_len: int) -> None:
+        """A request whose ``seq_len`` tokens are all on the host tier (its page table set,
+        its slots admitted) starts decoding: fill its budget slots from the host tier and
+        set the dense-regime residency."""
+        n_res = fill_slots_from_host(self, req_row, seq_len)
+        self.residency[:, req_row] = -1
+        if n_res:
+            g = self.g
             self.residency[:, req_row, :, :n_res] = torch.arange(
                 g.sink_pages, g.sink_pages + n_res, dtype=torch.int32, device=self.device)
         self._forget_jobs(req_row)

@@ -18,7 +18,7 @@ from sglang_freekv.retrieval import residency_diff
 if TYPE_CHECKING:
     from sglang_freekv.cache import FreeKVCache
 
-__all__ = ["CacheTables", "apply_selection", "write_prompt"]
+__all__ = ["CacheTables", "apply_selection", "fill_slots_from_host", "write_prompt"]
 
 
 @dataclass(slots=True)
@@ -122,6 +122,43 @@ def write_prompt(cache: FreeKVCache, row: int, prompt_len: int, prompt_loc: torc
                 cache.digests[layer].index_copy_(0, ids[first_page:full].to(dev), dig)
         kb[dst] = kb[src]
         vb[dst] = vb[src]
+    return n_res
+
+
+def _slot_pages(g: BudgetGeometry, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Logical pages resident right after prefill (sink, first ``min(M, k)`` middle pages,
+    window) and their slots, for a request of ``n`` tokens: ``([npc], [npc], min(M, k))``."""
+    p = g.page_size
+    n_pages = -(-n // p)
+    n_sink = min(g.sink_pages, n_pages)
+    n_res = min(max(0, n_pages - g.sink_pages - g.window_pages), g.top_k)
+    win_start = min(max(g.sink_pages, n_pages - g.window_pages), n_pages)
+    ar = torch.arange
+    pages = torch.cat([ar(n_sink), ar(g.sink_pages, g.sink_pages + n_res), ar(win_start, n_pages)])
+    slots = torch.cat([ar(n_sink), g.sink_pages + ar(n_res),
+                       g.sink_pages + g.top_k + ar(win_start, n_pages) % g.window_pages])
+    return pages, slots, n_res
+
+
+def fill_slots_from_host(cache: FreeKVCache, row: int, n: int) -> int:
+    """Budget slots of request ``row`` (``n`` tokens, all on the host tier) from the host tier:
+    sink, first ``min(M, k)`` middle and window pages, every sparse layer, every head.
+    Returns ``min(M, k)`` (the dense-regime retrieved pages placed). Host work + one copy per
+    layer (out of any CUDA graph: a request's first decode step plans it)."""
+    g, dev, p = cache.g, cache.device, cache.g.page_size
+    pages, slots, n_res = _slot_pages(g, n)
+    host_ids = cache.t.host_pages_cpu[row, pages].to(torch.int64)  # [npc]
+    if bool((host_ids < 0).any()):
+        raise RuntimeError(f"freekv: request row {row} has a page without a host copy")
+    first = cache.t.slot_loc_cpu[row, slots]  # [npc]
+    rows = (first[:, None] + torch.arange(p)).reshape(-1).to(dev)  # [npc * P]
+    cache.host.wait_writes()  # SYNC: pages written through by D2H must have landed
+    h, d = cache.num_kv_heads, cache.head_dim
+    for layer in cache.sparse_layers:
+        blocks = cache.host.kv[layer][host_ids].to(dev)  # [npc, H, 2, P, D]
+        kb, vb = cache.k_buffers[layer], cache.v_buffers[layer]
+        kb[rows] = blocks[:, :, 0].permute(0, 2, 1, 3).reshape(-1, h, d)  # [npc * P, H, D]
+        vb[rows] = blocks[:, :, 1].permute(0, 2, 1, 3).reshape(-1, h, d)
     return n_res
 
 

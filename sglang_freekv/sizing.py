@@ -7,12 +7,12 @@ Two pure functions, no sglang, no torch device work:
   of free RAM and the cgroup memory limit minus its usage).
 * :func:`plan_device_memory`: how SGLang's profiled KV budget (bytes of device memory left
   for KV after weights and activations) is spent under FreeKV. Logical tokens are bounded by
-  the host tier, not by dense KV: the device holds only the prefill staging rows, one
+  the host tier, not by dense KV: the device holds only a prefill scratch of one layer, one
   ``budget`` of rows per running request (sparse layers), full-size rows of the dense layers
   and the page digests (per host page), so far more logical tokens and requests fit than a
   dense pool of the same bytes would hold.
 
-Rule of the plan, with ``A`` the profiled bytes, ``F`` the fixed cost (staging rows), ``r``
+Rule of the plan, with ``A`` the profiled bytes, ``F`` the fixed cost (prefill scratch), ``r``
 the bytes of one running request (its budget rows, ``last_q``, residency, one spare host
 page's digest) and ``t`` the device bytes per logical token (dense-layer rows + digests):
 
@@ -131,10 +131,10 @@ class DeviceMemoryPlan:
 
     max_total_tokens: int  # logical tokens SGLang may allocate (T)
     max_running_requests: int  # requests with a budget on the device (R)
-    staging_rows: int  # prefill staging rows of the sparse layers
+    staging_rows: int  # tokens of the one-layer prefill scratch (one context)
     num_host_pages: int  # host-tier pages to allocate: T / page_size + one spare per request
     budget_bytes: int  # budget rows of all running requests, sparse layers
-    staging_bytes: int
+    staging_bytes: int  # the prefill scratch (one layer)
     dense_bytes: int  # full-size rows of the dense layers
     digest_bytes: int  # key min/max per host page
     other_bytes: int  # last_q, residency
@@ -150,8 +150,9 @@ class DeviceMemoryPlan:
         gib = lambda b: f"{b / _GIB:.2f}"  # noqa: E731
         return (f"device plan: {gib(self.total_bytes)} of {gib(self.available_bytes)} GiB "
                 f"profiled for KV: {self.max_running_requests} running requests x budget "
-                f"{gib(self.budget_bytes)} GiB, staging {self.staging_rows} rows "
-                f"{gib(self.staging_bytes)} GiB, dense layers {gib(self.dense_bytes)} GiB, "
+                f"{gib(self.budget_bytes)} GiB, prefill scratch of one layer "
+                f"{self.staging_rows} tokens {gib(self.staging_bytes)} GiB, dense layers "
+                f"{gib(self.dense_bytes)} GiB, "
                 f"digests {gib(self.digest_bytes)} GiB; max_total_tokens="
                 f"{self.max_total_tokens} (host tier {self.num_host_pages} pages)")
 
@@ -172,7 +173,7 @@ def plan_device_memory(
 ) -> DeviceMemoryPlan:
     """FreeKV's device plan (module docstring). ``host_bytes_per_token`` is the host tier's
     bytes per token over *all* ranks (every rank keeps the same number of host pages);
-    ``context_len`` the longest prompt (staging holds one whole prompt: chunked prefill is off).
+    ``context_len`` the longest request (the prefill scratch holds one whole context).
     Raises :class:`FreeKVSizingError` when not even one request fits."""
     if min(page_size, budget, context_len, host_bytes_per_token) <= 0:
         raise FreeKVSizingError(f"invalid sizes: page_size={page_size} budget={budget} "
@@ -185,7 +186,8 @@ def plan_device_memory(
     digest_page = shape.num_layers * shape.num_kv_heads * 2 * shape.head_dim * shape.elem_bytes
     host_pages = int(host_bytes // (host_bytes_per_token * p))
     staging_rows = -(-(context_len + p) // p) * p
-    fixed = staging_rows * sparse_row
+    # the prefill scratch: one layer (and its margin page); the sparse layers' scratch page
+    fixed = (staging_rows + p) * row + p * sparse_row
     per_req = (budget * sparse_row + digest_page  # budget rows + one partial page per request
                + shape.num_layers * (shape.num_qo_heads * shape.head_dim * shape.elem_bytes
                                      + shape.num_kv_heads * top_k * 4))  # last_q, residency
@@ -195,7 +197,7 @@ def plan_device_memory(
         need = fixed + per_req + budget * per_token
         raise FreeKVSizingError(
             f"freekv: the device has {available_bytes / _GIB:.3f} GiB for KV, but FreeKV needs "
-            f"{need / _GIB:.3f} GiB for its prefill staging ({staging_rows} rows) and one "
+            f"{need / _GIB:.3f} GiB for its prefill scratch ({staging_rows} rows) and one "
             f"request's budget ({budget} rows); raise --mem-fraction-static, lower "
             "--context-length or the budget")
     t_cap = (max_total_tokens // p * p) if max_total_tokens is not None else None

@@ -61,7 +61,7 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def test_flashinfer_plan_arguments_over_budget_pages() -> None:
     e = Engine(k=2)  # budget 5 pages of 4 = 20 rows
     s = e.serving
-    s.commit_extend(e.extend([0, 3], [9, 41]), e.r2t)  # dense regime / sparse
+    e.prefill([0, 3], [9, 41])  # dense regime / sparse
     for _ in range(3):
         plan = e.decode([0, 3])
     s.cache.recall.wait_all()  # no interpreted kernel on the recall worker meanwhile

@@ -70,7 +70,7 @@ def simulated_device_used() -> int:
         total += _tensor_bytes([req], seen)
         serving = getattr(pool, "serving", None)
         if serving is not None:
-            total += _tensor_bytes(serving.cache.device_tensors(), seen)
+            total += _tensor_bytes(serving.cache.device_tensors() + [serving.scratch_k, serving.scratch_v], seen)
     return total
 
 

@@ -4,10 +4,12 @@ The backend of the platform does the attention: FlashInfer on CUDA (default), SG
 Triton backend with ``--attention-backend triton``, torch_native on CPU. Two instances are
 built: ``dense`` serves the dense layers (``dense_layers``) and prefill of those layers over
 SGLang's own ``req_to_token`` exactly as stock SGLang; ``sparse`` serves the other layers and
-reads through FreeKV's tables instead of ``req_to_token``: in prefill the staging rows of
+reads through FreeKV's tables instead of ``req_to_token``: in prefill the scratch rows of
 each position (``ExtendStep.table``), in decode the budget rows of each request
 (``plan.kv_table``, lengths ``plan.kv_lens``). Its batch view has request rows ``0..bs-1``
-(one table row per batch position). No attention kernel of FreeKV's own runs.
+(one table row per batch position). In prefill the sparse instance reads the pool's one-layer
+prefill scratch (the pool hands it out for the layer being prefilled). No attention kernel of
+FreeKV's own runs.
 
 The logic lives in :class:`sglang_freekv.serving.FreeKVServing`; this module only adapts
 SGLang's calls. Hooks (SGLang's HookRegistry):
@@ -217,17 +219,20 @@ def create_backend(runner: Any) -> Any:
             else:
                 step = self.extend
                 assert step is not None, "freekv: extend without a plan"
-                if save_kv_cache and k is not None and v is not None:
-                    self.serving.write_extend(
-                        lid - self.pool.start_layer, step,
-                        k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim),
-                        v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim))
-                o = self.sparse.forward_extend(q, k, v, layer, self.view, False, **kwargs)
+                local = lid - self.pool.start_layer
+                self.serving.begin_extend_layer(
+                    local, step, k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim),
+                    v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim))
+                self.pool.scratch_layer = lid  # the stock backend reads the scratch
+                try:
+                    o = self.sparse.forward_extend(q, k, v, layer, self.view, False, **kwargs)
+                finally:
+                    self.pool.scratch_layer = None
+                self.serving.end_extend_layer(local, step)
             if lid == self.last_layer:
-                # Every layer wrote this batch's K/V: commit the prompts (chunked prefill is
-                # off under FreeKV, so each extend holds whole prompts).
+                # Every layer wrote this forward's K/V through to the host tier.
                 assert self.extend is not None
-                self.serving.commit_extend(self.extend, self.req_to_token)
+                self.serving.commit_extend(self.extend)
             return o
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True,  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ Changes (only when ``--kv-policy freekv`` is active in this process):
 - ``KVCacheConfigurator._resolve_kv_pool_class`` (AROUND): for ``kind="mha"`` returns
   :class:`FreeKVTokenToKVPool` (dense layers full-size, sparse layers budget + staging rows).
 - ``PrefillAdder.add_one_req`` (AROUND): stops filling a prefill batch before its tokens
-  (cached prefixes included, they are staged too) overflow the prefill staging rows.
+  (prefixes included: they are read back into the scratch) overflow the prefill scratch.
 """
 
 from __future__ import annotations
@@ -114,16 +114,32 @@ def pool_class(base: type) -> type:
             start = kwargs.get("start_layer") or 0
             self.dense_local = {i - start for i in cfg.dense_layers if 0 <= i - start < layer_num}
             # One budget chunk per running request (+1: a request finishing while the next
-            # one commits within the same step).
+            # one starts within the same step).
             self.rows = DeviceRows(budget=cfg.budget, max_reqs=plan.max_running_requests + 1,
-                                   staging_rows=plan.staging_rows, page_size=cfg.page_size)
+                                   page_size=cfg.page_size)
             super().__init__(size, *args, **kwargs)
+            # The one-layer prefill scratch (NHD; a page of margin for page-aligned reads).
+            shape = (plan.staging_rows + cfg.page_size, self.head_num, self.head_dim)
+            self.prefill_k = torch.zeros(shape, dtype=self.store_dtype, device=self.device)
+            self.prefill_v = torch.zeros(shape, dtype=self.store_dtype, device=self.device)
+            self.scratch_layer: int | None = None  # a sparse layer whose prefill reads it
             self.serving: FreeKVServing | None = None
             ACTIVE["pool"] = self
 
         @property
         def staging_rows(self) -> int:
-            return self.rows.staging_rows
+            """Tokens (prefixes included) one prefill forward may hold."""
+            return self.freekv_plan.staging_rows
+
+        def _get_key_buffer(self, layer_id: int) -> torch.Tensor:
+            if layer_id == self.scratch_layer:
+                return self.prefill_k
+            return super()._get_key_buffer(layer_id)
+
+        def _get_value_buffer(self, layer_id: int) -> torch.Tensor:
+            if layer_id == self.scratch_layer:
+                return self.prefill_v
+            return super()._get_value_buffer(layer_id)
 
         def init_serving(self, *, num_qo_heads: int, req_rows: int,
                          keep_partial_pages: bool, evict: Any) -> FreeKVServing:
@@ -132,7 +148,8 @@ def pool_class(base: type) -> type:
                 return self.serving
             cfg = self.freekv_config
             self.serving = FreeKVServing(
-                cfg, self.rows, k_buffers=self.k_buffer, v_buffers=self.v_buffer,
+                cfg, self.rows, scratch_k=self.prefill_k, scratch_v=self.prefill_v,
+                k_buffers=self.k_buffer, v_buffers=self.v_buffer,
                 num_qo_heads=num_qo_heads, num_token_ids=self.size + self.page_size + 1,
                 num_host_pages=self.freekv_plan.num_host_pages,
                 max_pages_per_req=-(-(self.size + self.page_size) // cfg.page_size) + 1,
@@ -143,14 +160,15 @@ def pool_class(base: type) -> type:
             dense_rows = self.size + self.page_size
             logger.info(
                 "freekv: host tier %.3f GiB (%d pages of %d tokens, %d KV heads; %s); device "
-                "KV %.3f GiB sparse (%d rows: %d requests x budget %d + %d staging) + %.3f GiB "
-                "for dense layers %s",
+                "KV %.3f GiB sparse (%d rows: %d requests x budget %d) + prefill scratch of "
+                "one layer %.3f GiB (%d tokens) + %.3f GiB for dense layers %s",
                 host.total_bytes / 2**30, host.num_pages, cfg.page_size, self.head_num,
                 f"pinned {host.pinned_bytes / 2**30:.3f} GiB" if host.pin_memory
-                else "not pinned: no CUDA", row * self.rows.total * (self.layer_num - len(
-                    self.dense_local)) / 2**30, self.rows.total, self.rows.max_reqs,
-                cfg.budget, self.rows.staging_rows, row * dense_rows * len(self.dense_local)
-                / 2**30, sorted(i + self.start_layer for i in self.dense_local))
+                else "not pinned: no CUDA", row * self.rows.buffer_rows * (self.layer_num - len(
+                    self.dense_local)) / 2**30, self.rows.buffer_rows, self.rows.max_reqs,
+                cfg.budget, row * self.prefill_k.shape[0] / 2**30, self.staging_rows,
+                row * dense_rows * len(self.dense_local) / 2**30,
+                sorted(i + self.start_layer for i in self.dense_local))
             return self.serving
 
         def _create_buffers_normal(self) -> None:
@@ -176,31 +194,29 @@ def pool_class(base: type) -> type:
             layer_id = layer_id if layer_id is not None else layer.layer_id
             if not self.is_sparse_layer(layer_id):
                 return super().set_kv_buffer(layer, loc_info, cache_k, cache_v, *args, **kwargs)
-            # SGLang's generic write path (the FreeKV backend writes sparse layers itself).
-            from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
-
-            if self.serving is None:
-                raise RuntimeError("freekv: KV write to a sparse layer before the backend")
-            loc, _, _ = unwrap_write_loc(loc_info)
-            rows = self.serving.translate(loc)
-            local = layer_id - self.start_layer
-            self.k_buffer[local][rows] = cache_k.to(self.store_dtype)
-            self.v_buffer[local][rows] = cache_v.to(self.store_dtype)
+            # SGLang's generic write path: sparse layers have no row per logical id (the
+            # FreeKV backend writes them itself): refuse, never write a wrong row.
+            raise RuntimeError("freekv: a KV write to sparse layer "
+                               f"{layer_id} through SGLang's generic path")
 
     _POOL_CLASSES[base] = FreeKVTokenToKVPool
     return FreeKVTokenToKVPool
 
 
 def _add_one_req(orig: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    """Admit a request into a prefill batch only while the batch's staging rows (its
-    extended tokens plus its cached prefixes, loaded from the host tier) fit FreeKV's
-    prefill staging area; the first request always fits (staging >= one context)."""
+    """Admit a request into a prefill batch only while the batch's tokens (its extended
+    tokens plus its prefix, read back from the host tier) fit FreeKV's one-layer prefill
+    scratch; the first request always fits (the scratch holds one context)."""
     pool = ACTIVE.get("pool")
     if pool is None:
         return orig(self, req, *args, **kwargs)
     from sglang.srt.managers.schedule_policy import AddReqResult
 
-    need = len(req.full_untruncated_fill_ids)  # prefix + extend tokens, all staged
+    # prefix + the tokens this forward may extend (a chunk at most), all in the scratch
+    prefix = len(getattr(req, "prefix_indices", None) or [])
+    extend = len(req.full_untruncated_fill_ids) - prefix
+    chunk = getattr(self, "rem_chunk_tokens", None)
+    need = prefix + (min(extend, chunk) if chunk else extend)
     staged = getattr(self, "_freekv_staged", 0)
     if self.can_run_list and staged + need > pool.staging_rows:
         return AddReqResult.OTHER

@@ -16,7 +16,7 @@ Changes (all through SGLang's HookRegistry):
 Under FreeKV the launcher resolves the host tier's size, and when the tier holds fewer tokens
 than the model context, caps ``context_length`` to the tier: SGLang's tokenizer manager then
 refuses a prompt, or a prompt + ``max_new_tokens``, beyond it with HTTP 400. It turns off
-prefill CUDA graphs and chunked prefill (one line says so) and leaves decode graphs and the
+prefill CUDA graphs (one line says so) and leaves decode graphs, chunked prefill and the
 overlap scheduler as the user set them.
 """
 
@@ -209,10 +209,10 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> FreeKVC
     else:
         os.environ.pop(ENV_INNER_BACKEND, None)
     args.attention_backend = "freekv"
-    # Prompts are staged and committed to the host tier by host work: no prefill graphs, no
-    # chunked prefill yet. The decode step is device work (CUDA) and is captured.
+    # Prefill goes through the one-layer scratch and is written through to the host tier by
+    # host work: no prefill graphs. Chunked prefill stays as the user set it (each chunk reads
+    # its prefix back from the host tier). The decode step is device work (CUDA), captured.
     args.disable_prefill_cuda_graph = True
-    args.chunked_prefill_size = -1
     if getattr(args, "mem_fraction_static", None) is None:
         # SGLang's automatic fraction reserves activations for an unchunked prefill of the
         # whole context and goes negative on small machines; FreeKV's pool is budget-sized.
@@ -221,9 +221,12 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> FreeKVC
         else "decode graphs on, FreeKV's step captured with them"
     overlap = "off (--disable-overlap-schedule)" if getattr(
         args, "disable_overlap_schedule", False) else "on"
-    print(f"freekv: CUDA graphs {graphs}; prefill graphs and chunked prefill off (prompts are "
-          f"staged and committed to the host tier whole); overlap scheduler {overlap}",
-          file=sys.stderr, flush=True)
+    chunked = getattr(args, "chunked_prefill_size", None)
+    chunks = "off" if chunked is not None and chunked <= 0 else (
+        f"{chunked} tokens" if chunked else "SGLang's default size")
+    print(f"freekv: CUDA graphs {graphs}; prefill graphs off (prefill is written through to "
+          f"the host tier layer by layer); chunked prefill {chunks}; overlap scheduler "
+          f"{overlap}", file=sys.stderr, flush=True)
     from sglang_freekv.platform import cpu_platform_wanted, simulated_device_bytes
 
     if getattr(args, "max_running_requests", None) is None and cpu_platform_wanted() \

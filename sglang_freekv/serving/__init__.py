@@ -1,12 +1,13 @@
 """FreeKV's serving core: engine-facing logic on logical token ids (imports no sglang).
 
-``rows`` (device row layout and allocators), ``tokens`` (logical id -> host slot map for
-prefix sharing) and ``core`` (:class:`FreeKVServing`, the plan/run API the SGLang adapters in
+``rows`` (device row layout and allocator), ``tokens`` (logical id -> host slot map for
+prefix sharing), ``prefill`` (the one-layer prefill scratch) and ``core`` (:class:`FreeKVServing`, the plan/run API the SGLang adapters in
 ``sglang_freekv.patches`` call).
 """
 
-from sglang_freekv.serving.core import ExtendStep, FreeKVServing, FreeKVStagingFull, ServingUsage
-from sglang_freekv.serving.rows import BudgetSlots, DeviceRows, StagingRows
+from sglang_freekv.serving.core import FreeKVServing, ServingUsage
+from sglang_freekv.serving.prefill import ExtendStep, FreeKVStagingFull
+from sglang_freekv.serving.rows import BudgetSlots, DeviceRows
 from sglang_freekv.serving.tokens import TokenMap
 
 __all__ = [
@@ -16,6 +17,5 @@ __all__ = [
     "FreeKVServing",
     "FreeKVStagingFull",
     "ServingUsage",
-    "StagingRows",
     "TokenMap",
 ]

@@ -2,28 +2,27 @@
 
 A serving engine (SGLang) names every token's KV by a *logical id* and keeps per request row
 the ids of its tokens (``req_to_token``). Under FreeKV the sparse layers have no row per
-logical id: a prompt being prefilled is *staged* in staging rows; after prefill it is
-*committed* (written through to the host tier, digests built, sink/window/first middle pages
-copied into the request's budget slots) and its staging rows are returned; each decode step
+logical id: a prompt (or a chunk of it) is prefilled through a one-layer scratch and written
+through to the host tier layer by layer (``prefill.py``); when the request decodes for the
+first time it is *activated*: its budget slots are filled from the host tier; each decode step
 attends over the budget rows only. Dense layers keep the engine's own full-size buffers.
 
 API (plan once per forward, run once per layer; each returns what the engine's attention
 backend needs):
 
-* extend: :meth:`plan_extend` (stage new tokens and matched prefixes) -> per sparse layer
-  :meth:`write_extend` + attention over ``ExtendStep.table`` -> :meth:`commit_extend` after
-  the last layer;
-* decode: :meth:`plan_decode` (commit any staged request, open host pages, map this step's
+* extend: :meth:`plan_extend` (scratch layout, host pages, prefix slots) -> per sparse layer
+  :meth:`begin_extend_layer` + attention over ``ExtendStep.table`` in :attr:`scratch_k` /
+  :attr:`scratch_v` + :meth:`end_extend_layer` -> :meth:`commit_extend` after the last layer;
+* decode: :meth:`plan_decode` (activate new requests, open host pages, map this step's
   token) -> per sparse layer :meth:`begin_decode_layer` (token K/V write, wait the
   speculative job, correction) + attention over ``plan.kv_table`` + :meth:`end_decode_layer`;
 * lifecycle: :meth:`release_rows` (finish, abort, retraction), :meth:`free_token_ids` /
   :meth:`free_all_tokens` (the engine freed logical ids), :meth:`after_checkpoint` (the
   radix cache deduplicated a running request's ids).
 
-Accounting invariants (tested in ``tests/core/test_serving.py``): every host page, budget
-chunk and staging row a request holds is returned by :meth:`release_rows`; host pages
-referenced only by mapped logical ids (the radix cache) return when those ids are freed;
-``loc_map`` holds -1 for every id without a staging row.
+Accounting invariants (tested in ``tests/core/test_serving.py``): every host page and budget
+chunk a request holds is returned by :meth:`release_rows`; host pages referenced only by
+mapped logical ids (the radix cache) return when those ids are freed.
 """
 
 from __future__ import annotations
@@ -45,7 +44,14 @@ from sglang_freekv.device_step import (
     FreeKVDeviceStep,
 )
 from sglang_freekv.plan import FreeKVDecodePlan
-from sglang_freekv.serving.rows import BudgetSlots, DeviceRows, StagingRows
+from sglang_freekv.serving.prefill import (
+    ExtendStep,
+    FreeKVStagingFull,
+    plan_extend_step,
+    run_extend_layer,
+    write_extend_layer,
+)
+from sglang_freekv.serving.rows import BudgetSlots, DeviceRows
 from sglang_freekv.serving.tokens import TokenMap
 
 __all__ = ["DECODE_STEPS", "DecodePlan", "ExtendStep", "FreeKVServing", "FreeKVStagingFull",
@@ -59,29 +65,10 @@ DECODE_STEPS = ("auto", "host", "device")
 logger = logging.getLogger(__name__)
 
 
-class FreeKVStagingFull(RuntimeError):
-    """Prefill staging has fewer free rows than a forward needs (one-line message)."""
-
-
-@dataclass(slots=True)
-class ExtendStep:
-    """Plan of one extend (prefill) forward."""
-
-    # fmt: off
-    req_rows: list[int]              # request rows, batch order
-    seq_lens: list[int]              # prefix + new tokens per request
-    prefix_lens: list[int]           # matched prefix (radix cache) per request
-    out_rows: torch.Tensor           # [num_new] int64, device: staging row of each new token
-    table: torch.Tensor              # [bs, max(seq_lens)] int32, device: rows per position
-    prefix_ids: torch.Tensor | None   # [m] int64 cpu, logical ids of loaded prefixes
-    prefix_rows: torch.Tensor | None  # [m] int64 cpu, their staging rows
-    # fmt: on
-
-
 @dataclass(frozen=True, slots=True)
 class ServingUsage:
     """Gauges: host pages held by requests in flight, host pages held only by mapped
-    logical ids (the radix cache), device pages (budget slots + staging) in use."""
+    logical ids (the radix cache), device pages (budget slots) in use."""
 
     host_pages_in_flight: int
     host_pages_cached: int
@@ -94,7 +81,9 @@ class FreeKVServing:
     Parameters
     ----------
     config : the FreeKV config.
-    rows : the sparse layers' device row layout (budget chunks + staging).
+    rows : the sparse layers' device row layout (budget chunks + a scratch page).
+    scratch_k, scratch_v : ``[scratch_rows + page_size, H, D]`` (NHD), the one-layer prefill
+        scratch (the last page is a margin a page-aligned read may run into).
     k_buffers, v_buffers : per local layer ``[rows, H, D]`` (NHD) device buffers; sparse
         layers have ``rows.buffer_rows`` rows, dense layers the engine's full size (unused).
     num_qo_heads : query heads of this rank.
@@ -117,6 +106,8 @@ class FreeKVServing:
         config: FreeKVConfig,
         rows: DeviceRows,
         *,
+        scratch_k: torch.Tensor,
+        scratch_v: torch.Tensor,
         k_buffers: list[torch.Tensor],
         v_buffers: list[torch.Tensor],
         num_qo_heads: int,
@@ -158,14 +149,14 @@ class FreeKVServing:
             self.device_step = FreeKVDeviceStep(
                 self.cache, max_bs=max_bs or rows.max_reqs, scratch_row=rows.scratch_row)
         self.slots = BudgetSlots(rows.max_reqs, rows.budget)
-        self.staging = StagingRows(rows.budget_rows, rows.total)
+        self.scratch_k, self.scratch_v = scratch_k, scratch_v
+        self.scratch_rows = int(scratch_k.shape[0]) - config.page_size
         self.tokens = TokenMap(num_token_ids, self.cache.host)
-        # loc_map: logical id -> staging row of a token not yet committed (-1 none), device
-        self.loc_map = torch.full((num_token_ids,), -1, dtype=torch.int64, device=self.device)
         self.keep_partial_pages = keep_partial_pages
         self.evict = evict
-        self.committed: dict[int, int] = {}  # req row -> first row of its budget chunk
-        self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (ids, rows)
+        self.committed: dict[int, int] = {}  # req row -> first row of its budget chunk (active)
+        self.prefilled: dict[int, int] = {}  # req row -> tokens on the host tier (not active)
+        self.own_pages: dict[int, set[int]] = {}  # req row -> host pages it allocated
         self.kv_lens: dict[int, int] = {}  # req row -> tokens with KV (committed rows)
         self._evict_logged = False
         # decode tokens' (logical ids copied to pinned host memory, host slots, copy event),
@@ -184,11 +175,13 @@ class FreeKVServing:
         out_loc: torch.Tensor,
         req_to_token: torch.Tensor,
     ) -> ExtendStep:
-        """Stage one extend forward.
+        """Plan one extend forward (a whole prompt, or a chunk after ``prefix_lens`` tokens
+        already prefilled or matched in the radix cache).
 
         ``out_loc``: ``[sum(seq_lens - prefix_lens)]`` int, the new tokens' logical ids in
-        batch order (device); ``req_to_token``: ``[rows, max_context]`` int (device), logical
-        ids per request row and position. Raises :class:`FreeKVStagingFull`.
+        batch order; ``req_to_token``: ``[rows, max_context]`` int, logical ids per request
+        row and position. Allocates the host pages the new tokens need. Raises
+        :class:`FreeKVStagingFull` or ``FreeKVHostPoolFull`` (nothing changed then).
         """
         self._flush_maps()
         self._note_stream()
@@ -197,82 +190,34 @@ class FreeKVServing:
         if n_new != sum(lens_l) - sum(pref_l):
             raise ValueError(f"out_loc has {n_new} ids for {sum(lens_l) - sum(pref_l)} new "
                              "tokens")
-        new_ids = out_loc.to("cpu", torch.int64)
-        staged = self.staging.alloc(n_new)
-        if staged is None:
-            raise FreeKVStagingFull(
-                f"freekv: prefill staging is full ({self.staging.used} of {self.staging.size} "
-                f"rows in use, {n_new} needed); lower --max-prefill-tokens or the number of "
-                "concurrent long prompts")
-        out_rows = staged.to(self.device)
-        self.loc_map[out_loc.to(self.device, torch.int64)] = out_rows
-        start = 0
-        for row, n, m in zip(rows_l, lens_l, pref_l):
-            mine = slice(start, start + n - m)
-            ids, rws = new_ids[mine], staged[mine]
-            prev = self.staged.get(row)
-            if prev is not None:
-                ids, rws = torch.cat([prev[0], ids]), torch.cat([prev[1], rws])
-            self.staged[row] = (ids, rws)
-            start += n - m
-        prefix_ids = prefix_rows = None
-        if any(pref_l):
-            prefix_ids, prefix_rows = self._stage_prefixes(rows_l, pref_l, req_to_token)
-        max_len = max(lens_l) if lens_l else 0
-        idx = torch.tensor(rows_l, dtype=torch.int64, device=req_to_token.device)
-        logical = req_to_token[idx, :max_len].to(self.device, torch.int64)  # [bs, max_len]
-        pos = torch.arange(max_len, device=self.device)[None, :]
-        lens = torch.tensor(lens_l, dtype=torch.int64, device=self.device)[:, None]
-        logical = torch.where(pos < lens, logical, 0)  # positions past a prompt: never read
-        table = self.loc_map[logical].clamp(min=0).to(torch.int32)  # [bs, max_len] rows
-        return ExtendStep(rows_l, lens_l, pref_l, out_rows, table, prefix_ids, prefix_rows)
+        for row in rows_l:
+            if row in self.committed:  # a retracted request comes back: start over
+                self.release_rows([row])
+        return plan_extend_step(self, rows_l, lens_l, pref_l, out_loc, req_to_token)
 
-    def _stage_prefixes(self, rows: list[int], prefix_lens: list[int],
-                        req_to_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Load matched prefixes' K/V of every sparse layer from the host tier into staging
-        rows, so prefill attends over them and commit can copy them."""
-        ids = torch.unique(torch.cat([req_to_token[r, :n].to("cpu", torch.int64)
-                                      for r, n in zip(rows, prefix_lens) if n]))
-        slots = self.tokens.slots_of(ids)
-        if bool((slots < 0).any()):
-            raise RuntimeError("freekv: a cached prefix token has no host-tier copy")
-        staged = self.staging.alloc(int(ids.numel()))
-        if staged is None:
-            raise FreeKVStagingFull(f"freekv: prefill staging is full ({self.staging.size} "
-                                    "rows) while loading cached prefixes")
-        dev_rows = staged.to(self.device)
-        for layer in self.sparse_layers:
-            k, v = self.cache.load_tokens(layer, slots)
-            self.k_buffers[layer][dev_rows] = k
-            self.v_buffers[layer][dev_rows] = v
-        self.loc_map[ids.to(self.device)] = dev_rows
-        return ids, staged
+    def begin_extend_layer(self, layer: int, step: ExtendStep, k: torch.Tensor,
+                           v: torch.Tensor) -> None:
+        """Before attention of sparse ``layer``: the batch's prefixes (from the host tier)
+        and the new tokens' K/V (``[num_new, H, D]``) into the scratch."""
+        run_extend_layer(self, layer, step, k, v)
 
-    def write_extend(self, layer: int, step: ExtendStep, k: torch.Tensor,
-                     v: torch.Tensor) -> None:
-        """Write the new tokens' K/V (``[num_new, H, D]``) of sparse ``layer`` to staging."""
-        kb, vb = self.k_buffers[layer], self.v_buffers[layer]
-        kb[step.out_rows] = k.to(kb.dtype)
-        vb[step.out_rows] = v.to(vb.dtype)
+    def end_extend_layer(self, layer: int, step: ExtendStep) -> None:
+        """After attention of sparse ``layer``: write the touched pages through to the host
+        tier, digests of the complete ones."""
+        write_extend_layer(self, layer, step)
 
-    def commit_extend(self, step: ExtendStep, req_to_token: torch.Tensor) -> None:
-        """After the last layer of an extend: commit every prompt of the batch (chunked
-        prefill is off under FreeKV, so an extend holds whole prompts) and return the
-        staging rows of loaded prefixes."""
-        try:
-            for row, n, m in zip(step.req_rows, step.seq_lens, step.prefix_lens):
-                self._commit(row, n, m, req_to_token)
-        finally:
-            if step.prefix_ids is not None and step.prefix_rows is not None:
-                self._unstage(step.prefix_ids, step.prefix_rows)
-                step.prefix_ids = step.prefix_rows = None
+    def commit_extend(self, step: ExtendStep) -> None:
+        """After the last layer of an extend: map the new tokens' logical ids to their host
+        slots; the requests decode (or get their next chunk) from the host tier."""
+        self.tokens.map(step.new_ids, step.new_slots)
+        dev = self.cache.t.host_pages.device
+        for row, n in zip(step.req_rows, step.seq_lens):
+            self.cache.t.host_pages[row] = self.cache.t.host_pages_cpu[row].to(dev)
+            self.prefilled[row] = n
 
-    def _commit(self, row: int, prompt_len: int, prefix_len: int,
-                req_to_token: torch.Tensor) -> None:
-        if row in self.committed:  # a retracted request comes back
-            self.release_rows([row])
-        logical = req_to_token[row, :prompt_len].to(self.device, torch.int64)
-        prompt_rows = self.loc_map[logical]
+    def _activate(self, row: int, n: int) -> None:
+        """First decode step of a prefilled request (``n`` tokens on the host tier): a budget
+        chunk, its slots filled from the host tier."""
         chunk = self.slots.alloc()
         if chunk is None:
             raise RuntimeError(f"freekv: no free budget slots ({self.slots.count} running "
@@ -281,31 +226,16 @@ class FreeKVServing:
         g = self.cache.g
         try:
             slot_loc = chunk + torch.arange(g.budget_pages, dtype=torch.int64) * g.page_size
-            self.cache.admit(row, slot_loc)
-            shared = None
-            if prefix_len:
-                full = prefix_len // g.page_size * g.page_size
-                shared = self.tokens.shared_pages(req_to_token[row, :full])
-            n_shared = 0 if shared is None else int(shared.numel())
-            self.ensure_host_pages(-(-prompt_len // g.page_size) - n_shared)
-            self.cache.commit_prefill(row, prompt_len, prompt_rows, shared)
+            self.cache.t.set_slots(row, slot_loc)
+            self.cache.activate(row, n)
         except BaseException:
             self.slots.release(chunk)
             raise
-        self.tokens.map(logical[prefix_len:],
-                        self.cache.token_host_slots(row, prefix_len, prompt_len))
-        self.kv_lens[row] = prompt_len
+        self.prefilled.pop(row, None)
+        self.kv_lens[row] = n
         if self.device_step is not None:
             self.device_step.forget(row)
-        staged = self.staged.pop(row, None)
-        if staged is not None:
-            self._unstage(*staged)
         self.committed[row] = chunk
-
-    def _unstage(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        """Return staging ``rows`` and mark their logical ``ids`` unstaged (-1)."""
-        self.loc_map[ids.to(self.device, torch.int64)] = -1
-        self.staging.release(rows)
 
     # ------------------------------------------------------------------ decode
     def plan_decode(
@@ -322,9 +252,9 @@ class FreeKVServing:
 
         ``req_rows``/``seq_lens``: ``[bs]`` int (device; seq_len includes this step's token),
         ``*_cpu`` their host copies; ``out_loc``: ``[bs]`` logical ids of this step's tokens.
-        ``lanes``: lanes the device step runs (graph padding; default ``bs``). Commits any
-        request still staged, allocates the host page this token opens and maps its logical
-        id to its host slot.
+        ``lanes``: lanes the device step runs (graph padding; default ``bs``). Activates any
+        request decoding for the first time, allocates the host page this token opens and
+        maps its logical id to its host slot.
         """
         self._flush_maps()
         self._note_stream()
@@ -332,7 +262,10 @@ class FreeKVServing:
         lens_c = seq_lens_cpu.to(torch.int64)
         for row, n in zip(rows_c.tolist(), lens_c.tolist()):
             if row not in self.committed:
-                self._commit(row, n - 1, 0, req_to_token)
+                if self.prefilled.get(row) != n - 1:
+                    raise RuntimeError(f"freekv: request row {row} decodes at {n} tokens but "
+                                       f"{self.prefilled.get(row)} were prefilled")
+                self._activate(row, n - 1)
         self.ensure_host_pages(int(rows_c.numel()))  # at most one opened page each
         plan: DecodePlan
         if self.device_step is not None:
@@ -426,7 +359,7 @@ class FreeKVServing:
     # ------------------------------------------------------------------ lifecycle
     def release_rows(self, rows: Sequence[int]) -> None:
         """Requests at ``rows`` finished, were aborted or retracted: return their budget
-        chunk, host page references and staging rows."""
+        chunk and host page references."""
         self._flush_maps()
         with self._forward_stream():  # STREAM: behind a forward that may still read the row
             self._release_rows(rows)
@@ -435,6 +368,8 @@ class FreeKVServing:
         for row in rows:
             chunk = self.committed.pop(row, None)
             kv_len = self.kv_lens.pop(row, None)
+            prefilled = self.prefilled.pop(row, None)
+            self.own_pages.pop(row, None)
             if chunk is not None:
                 # The engine may keep this request's ids (prefix sharing): its partial last
                 # page must then be readable from the host tier.
@@ -442,9 +377,9 @@ class FreeKVServing:
                 self.slots.release(chunk)
                 if self.device_step is not None:
                     self.device_step.forget(row)
-            staged = self.staged.pop(row, None)
-            if staged is not None:
-                self._unstage(*staged)
+            elif prefilled is not None or bool((self.cache.t.host_pages_cpu[row] >= 0).any()):
+                # Prefilled (whole or in part) but never decoded: its pages are all written.
+                self.cache.release(row, None)
 
     def free_token_ids(self, ids: torch.Tensor) -> int:
         """The engine freed logical ``ids``: drop their host page references; returns the
@@ -494,19 +429,16 @@ class FreeKVServing:
     # ------------------------------------------------------------------ gauges
     def usage(self) -> ServingUsage:
         self._flush_maps()
-        tables = self.cache.t.host_pages_cpu[sorted(self.committed)]
+        held = sorted(set(self.committed) | set(self.prefilled) | set(self.own_pages))
+        tables = self.cache.t.host_pages_cpu[held]
         in_flight = int(torch.unique(tables[tables >= 0]).numel()) if tables.numel() else 0
-        p = self.cache.g.page_size
-        device = len(self.committed) * self.cache.g.budget_pages + -(-self.staging.used // p)
+        device = len(self.committed) * self.cache.g.budget_pages
         return ServingUsage(in_flight, self.cache.host.used_pages - in_flight, device)
 
     def translate(self, ids: torch.Tensor) -> torch.Tensor:
-        """Staging rows of logical ``ids`` (device int64). Raises if one is not staged (a
-        write through SGLang's generic path to a sparse layer for an unknown id would
-        otherwise land in row -1, the last staging row). Host sync: for the generic path
-        only; the attention backend writes with ``ExtendStep.out_rows``."""
-        rows = self.loc_map[ids.to(self.device, torch.int64)]
-        if rows.numel() and bool((rows < 0).any()):
-            raise RuntimeError("freekv: a KV write to a sparse layer names a logical id that "
-                               "has no staging row")
-        return rows
+        """Device rows of logical ``ids`` in a sparse layer: there are none (prompts go
+        through the prefill scratch, decode tokens through the budget rows), so a write
+        through SGLang's generic path to a sparse layer is refused instead of landing in
+        some other request's rows."""
+        raise RuntimeError("freekv: a KV write to a sparse layer through SGLang's generic "
+                           "path; the freekv attention backend writes sparse layers itself")

@@ -44,7 +44,7 @@ def _run(decode_step: str, tau: float | None, guard: bool) -> tuple[list, dict, 
             e.finish(row, cache_ids=False)
             active.remove(row)
         if joins:
-            s.commit_extend(e.extend([r for r, _ in joins], [n for _, n in joins]), e.r2t)
+            e.prefill([r for r, _ in joins], [n for _, n in joins])
             active += [r for r, _ in joins]
         outs: list[torch.Tensor] = []
         g = HostSyncGuard() if guard else None
@@ -94,7 +94,7 @@ def test_the_host_step_is_not_sync_free() -> None:
     """The guard can fail on the real decode step: the host-driven one syncs."""
     torch.manual_seed(5)
     e = Engine(k=2, decode_step="host")
-    e.serving.commit_extend(e.extend([1], [45]), e.r2t)
+    e.prefill([1], [45])
     with pytest.raises(HostSync):
         for _ in range(3):
             e.decode([1], guard=HostSyncGuard())

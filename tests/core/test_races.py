@@ -114,10 +114,10 @@ def _run(dec: ReferenceDecoder, steps: int, *, late: bool = False, check: bool =
     checker = RuleChecker(dec) if check else None
 
     def layer_cb(*args: object) -> None:
+        if checker is not None:  # checked before on_layer may let a held job run
+            checker(*args)  # type: ignore[arg-type]
         if on_layer is not None:
             on_layer(*args)
-        if checker is not None:
-            checker(*args)  # type: ignore[arg-type]
 
     try:
         for s in range(steps):

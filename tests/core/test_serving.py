@@ -1,9 +1,10 @@
-"""FreeKVServing without a server: staging, commit, decode tables, release, prefix sharing.
+"""FreeKVServing without a server: prefill scratch, activation, decode tables, release,
+prefix sharing, chunked prefill.
 
 An engine stand-in hands out logical token ids like SGLang's allocator (``req_to_token``
 rows, freed ids back to a free list) and keeps the dense truth of every token's K/V, so
-every test checks both the accounting (host pages, budget chunks, staging rows, page
-references, ``loc_map``) and the data the attention backend will read.
+every test checks both the accounting (host pages, budget chunks, page references) and the
+data the attention backend will read.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from sglang_freekv.serving import DeviceRows, FreeKVServing, FreeKVStagingFull
-from sglang_freekv.serving.rows import BudgetSlots, StagingRows
+from sglang_freekv.serving.rows import BudgetSlots
 
 from .conftest import make_cfg
 
@@ -30,15 +31,17 @@ class Engine:
                  evict: bool = False, host_pages: int = 64, decode_step: str = "host",
                  tau: float | None = 0.8, max_reqs: int = 3) -> None:
         self.cfg = make_cfg(P, k=k, sink=1, window=2, tau=tau)
-        self.rows = DeviceRows(budget=self.cfg.budget, max_reqs=max_reqs, staging_rows=staging,
-                               page_size=P)
+        self.rows = DeviceRows(budget=self.cfg.budget, max_reqs=max_reqs, page_size=P)
         shape_sparse = (self.rows.buffer_rows, H, D)
         shapes = [(NUM_IDS, H, D)] + [shape_sparse] * (L - 1)
         self.kb = [torch.zeros(s) for s in shapes]
         self.vb = [torch.zeros(s) for s in shapes]
+        self.sk = torch.zeros(staging + P, H, D)  # the one-layer prefill scratch
+        self.sv = torch.zeros(staging + P, H, D)
         self.evicted: list[int] = []
         self.serving = FreeKVServing(
-            self.cfg, self.rows, k_buffers=self.kb, v_buffers=self.vb, num_qo_heads=HQ,
+            self.cfg, self.rows, scratch_k=self.sk, scratch_v=self.sv,
+            k_buffers=self.kb, v_buffers=self.vb, num_qo_heads=HQ,
             num_token_ids=NUM_IDS, num_host_pages=host_pages, max_pages_per_req=CTX // P,
             max_req_rows=MAX_ROWS, keep_partial_pages=keep_partial,
             evict=self._evict if evict else None, decode_step=decode_step)
@@ -64,8 +67,11 @@ class Engine:
     def alloc(self, n: int) -> torch.Tensor:
         return torch.tensor([self.free_ids.pop() for _ in range(n)], dtype=torch.int64)
 
-    def extend(self, rows: list[int], lens: list[int], prefixes: list[list[int]] | None = None):
-        """Prefill ``rows`` (new prompts of ``lens`` tokens; optional cached prefix ids)."""
+    def extend(self, rows: list[int], lens: list[int],
+               prefixes: list[list[int]] | None = None, new_lens: list[int] | None = None):
+        """One extend forward of ``rows`` up to ``lens`` tokens (``prefixes``: cached or
+        earlier-chunk ids; the rest are new ids), through every sparse layer, checking the
+        scratch holds every position's dense truth before attention. Not committed."""
         prefixes = prefixes or [[] for _ in rows]
         out = []
         for row, n, pre in zip(rows, lens, prefixes):
@@ -78,8 +84,17 @@ class Engine:
         step = self.serving.plan_extend(rows, lens, [len(p) for p in prefixes], out_loc,
                                         self.r2t)
         for layer in range(1, L):
-            self.serving.write_extend(layer, step, self.truth_k[layer, out_loc],
-                                      self.truth_v[layer, out_loc])
+            self.serving.begin_extend_layer(layer, step, self.truth_k[layer, out_loc],
+                                            self.truth_v[layer, out_loc])
+            for b in range(len(rows)):
+                self.scratch_truth(step, layer, b)
+            self.serving.end_extend_layer(layer, step)
+        return step
+
+    def prefill(self, rows: list[int], lens: list[int],
+                prefixes: list[list[int]] | None = None):
+        step = self.extend(rows, lens, prefixes)
+        self.serving.commit_extend(step)
         return step
 
     def decode(self, rows: list[int], guard: Any = None, outputs: list | None = None,
@@ -122,13 +137,14 @@ class Engine:
             self.free(ids)
         del self.lens[row]
 
-    def staged_truth(self, step, layer: int, b: int) -> None:
-        """The staging rows of batch position ``b`` hold the request's K/V in order."""
+    def scratch_truth(self, step, layer: int, b: int) -> None:
+        """The scratch rows of batch position ``b`` hold the request's K/V in order (the
+        prefix read back from the host tier, the new tokens as written)."""
         n = step.seq_lens[b]
         rows = step.table[b, :n].to(torch.int64)
         ids = self.r2t[step.req_rows[b], :n].to(torch.int64)
-        assert torch.equal(self.kb[layer][rows], self.truth_k[layer, ids])
-        assert torch.equal(self.vb[layer][rows], self.truth_v[layer, ids])
+        assert torch.equal(self.sk[rows], self.truth_k[layer, ids]), f"layer {layer} b {b}"
+        assert torch.equal(self.sv[rows], self.truth_v[layer, ids])
 
 
 def _budget_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
@@ -148,26 +164,27 @@ def _budget_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
 
 def _idle(e: Engine) -> None:
     s = e.serving
-    assert s.staging.used == 0 and s.slots.used == 0 and not s.committed and not s.staged
-    assert bool((s.loc_map == -1).all())
+    assert s.slots.used == 0 and not s.committed and not s.prefilled and not s.own_pages
 
 
-def test_extend_commit_accounting_and_loc_map() -> None:
+def test_prefill_writes_through_and_activation_fills_the_slots() -> None:
     e = Engine()
     s = e.serving
-    step = e.extend([1, 3], [13, 30])
-    assert s.staging.used == 43 and len(set(step.out_rows.tolist())) == 43
-    assert bool((step.out_rows >= e.rows.budget_rows).all())
-    for b in range(2):
-        for layer in (1, 2):
-            e.staged_truth(step, layer, b)
-    s.commit_extend(step, e.r2t)
-    assert s.staging.used == 0 and s.slots.used == 2 and set(s.committed) == {1, 3}
-    assert s.cache.host.used_pages == 4 + 8  # ceil(13/4) + ceil(30/4)
+    step = e.extend([1, 3], [13, 30])  # the scratch holds both prompts (checked per layer)
+    assert len(set(step.out_rows.tolist())) == 43 and int(step.out_rows.max()) < 43
+    assert s.cache.host.used_pages == 4 + 8  # ceil(13/4) + ceil(30/4), allocated at plan
+    s.commit_extend(step)
+    assert s.prefilled == {1: 13, 3: 30} and not s.committed and s.slots.used == 0
     assert s.tokens.num_mapped == 43
-    assert bool((s.loc_map == -1).all())  # committed ids have no staging row
-    with pytest.raises(RuntimeError, match="has no staging row"):
+    for layer in (1, 2):  # every prompt token is on the host tier
+        for row, n in ((1, 13), (3, 30)):
+            ids = e.r2t[row, :n].to(torch.int64)
+            k, v = s.cache.load_tokens(layer, s.tokens.slots_of(ids))
+            assert torch.equal(k, e.truth_k[layer, ids]) and torch.equal(v, e.truth_v[layer, ids])
+    with pytest.raises(RuntimeError, match="generic path"):
         s.translate(e.r2t[1, :2])
+    e.decode([1, 3])  # first decode step: both activated from the host tier
+    assert s.slots.used == 2 and set(s.committed) == {1, 3} and not s.prefilled
     assert s.usage().device_pages == 2 * e.cfg.budget_pages
 
 
@@ -175,7 +192,7 @@ def test_decode_tables_read_the_dense_truth_in_the_dense_regime() -> None:
     """Budget >= context: the table's first kv_lens rows are every token in order."""
     e = Engine(k=4)  # budget 7 pages = 28 tokens
     s = e.serving
-    s.commit_extend(e.extend([0, 2], [9, 17]), e.r2t)
+    e.prefill([0, 2], [9, 17])
     for _ in range(6):
         plan = e.decode([0, 2])
         assert plan.kv_table.shape == (2, e.cfg.budget) and plan.kv_table.dtype == torch.int32
@@ -193,7 +210,7 @@ def test_decode_tables_read_the_dense_truth_in_the_dense_regime() -> None:
 def test_release_returns_everything_and_cached_ids_hold_pages() -> None:
     e = Engine()
     s = e.serving
-    s.commit_extend(e.extend([1, 4], [11, 26]), e.r2t)
+    e.prefill([1, 4], [11, 26])
     for _ in range(7):
         e.decode([1, 4])
     e.finish(1, cache_ids=True)  # a radix cache keeps row 1's ids
@@ -218,35 +235,67 @@ def test_abort_mid_prefill_and_retraction() -> None:
     e = Engine()
     s = e.serving
     e.extend([2], [21])
-    s.release_rows([2])  # aborted before its last layer: staging comes back
+    s.release_rows([2])  # aborted during its prefill forward: its pages come back
     e.free(e.r2t[2, :21].to(torch.int64))
     _idle(e)
     assert s.cache.host.used_pages == 0
-    s.commit_extend(e.extend([3], [15]), e.r2t)
+    e.prefill([3], [15])
+    s.release_rows([3])  # aborted between prefill and its first decode step
+    e.free(e.r2t[3, :15].to(torch.int64))
+    assert s.cache.host.used_pages == 0
+    e.prefill([3], [15])
     e.decode([3])
     s.release_rows([3])  # retracted: SGLang frees its ids and re-prefills it later
     e.free(e.r2t[3, :16].to(torch.int64))
     assert s.cache.host.used_pages == 0
-    s.commit_extend(e.extend([3], [16]), e.r2t)
-    assert s.slots.used == 1 and s.cache.host.used_pages == 4
+    e.prefill([3], [16])
+    e.decode([3])
+    assert s.slots.used == 1 and s.cache.host.used_pages == 5
     e.finish(3, cache_ids=False)
     _idle(e)
     assert s.cache.host.used_pages == 0
 
 
-def test_prefix_sharing_stages_from_the_host_and_shares_full_pages() -> None:
+def test_chunked_prefill_equals_the_whole_prompt() -> None:
+    """A prompt prefilled in three chunks (each reading its prefix back from the host tier)
+    leaves the same host pages, digests and budget slots as the whole prompt at once."""
+    whole, chunked = Engine(), Engine()
+    for e in (whole, chunked):  # the same truth, the same ids
+        e.truth_k, e.truth_v = whole.truth_k, whole.truth_v
+    whole.prefill([2], [37])
+    chunked.prefill([2], [10])
+    chunked.prefill([2], [23], prefixes=[chunked.r2t[2, :10].tolist()])
+    chunked.prefill([2], [37], prefixes=[chunked.r2t[2, :23].tolist()])
+    assert torch.equal(whole.r2t[2, :37], chunked.r2t[2, :37])
+    for e in (whole, chunked):
+        torch.manual_seed(1)  # the same queries
+        e.decode([2])
+        e.serving.cache.recall.wait_all()
+    sw, sc = whole.serving, chunked.serving
+    pw = sw.cache.t.host_pages_cpu[2, :10].to(torch.int64)
+    pc = sc.cache.t.host_pages_cpu[2, :10].to(torch.int64)
+    assert sw.cache.host.used_pages == sc.cache.host.used_pages == 10
+    for layer in (1, 2):
+        hw, hc = sw.cache.host.kv[layer][pw], sc.cache.host.kv[layer][pc]
+        assert torch.equal(hw[:9], hc[:9])  # the 9 full pages (the 10th is partial)
+        assert torch.equal(hw[9, :, :, :2], hc[9, :, :, :2])  # 38 tokens: 2 in page 9
+        assert torch.equal(sw.cache.digests[layer][pw[:9]], sc.cache.digests[layer][pc[:9]])
+        rw = whole.kb[layer][:sw.rows.budget_rows]
+        rc = chunked.kb[layer][:sc.rows.budget_rows]
+        assert torch.equal(rw, rc)  # the budget slots after activation and one step
+
+
+def test_prefix_sharing_reads_the_host_and_shares_full_pages() -> None:
     e = Engine()
     s = e.serving
-    s.commit_extend(e.extend([0], [22]), e.r2t)
+    e.prefill([0], [22])
+    e.decode([0])
     prefix = e.r2t[0, :14].to(torch.int64).tolist()  # 3 full pages + 2 tokens
     e.finish(0, cache_ids=True)
     cached_pages = s.cache.host.used_pages
-    step = e.extend([5], [30], prefixes=[prefix])
-    assert step.prefix_rows is not None and step.prefix_rows.numel() == 14
-    for layer in (1, 2):
-        e.staged_truth(step, layer, 0)  # prefix loaded from the host tier + new tokens
-    s.commit_extend(step, e.r2t)
-    assert s.staging.used == 0 and bool((s.loc_map == -1).all())
+    step = e.extend([5], [30], prefixes=[prefix])  # prefix read back into the scratch
+    assert step.prefix_rows.numel() == 14
+    s.commit_extend(step)
     shared = s.cache.t.host_pages_cpu[5, :3].to(torch.int64)
     assert bool((s.cache.host.refs(shared) >= 2).all())  # row 5 + cached ids
     assert s.cache.host.used_pages == cached_pages + -(-30 // P) - 3
@@ -260,8 +309,9 @@ def test_prefix_sharing_stages_from_the_host_and_shares_full_pages() -> None:
 def test_after_checkpoint_moves_duplicate_pages_to_the_cached_copy() -> None:
     e = Engine()
     s = e.serving
-    s.commit_extend(e.extend([0], [16]), e.r2t)
-    s.commit_extend(e.extend([1], [16]), e.r2t)
+    e.prefill([0], [16])
+    e.prefill([1], [16])
+    e.decode([0, 1])  # both running: row 1's ids get deduplicated while it runs
     # the radix cache finds row 1's prompt equal to row 0's: it swaps row 1's ids for row
     # 0's cached ids and frees its own
     own = e.r2t[1, :16].to(torch.int64)
@@ -271,6 +321,7 @@ def test_after_checkpoint_moves_duplicate_pages_to_the_cached_copy() -> None:
     s.after_checkpoint(1, e.r2t)
     assert torch.equal(s.cache.t.host_pages_cpu[1, :4], s.cache.t.host_pages_cpu[0, :4])
     assert s.cache.host.used_pages == before - 4
+    e.lens[1] = e.lens[0]  # (its ids are now row 0's)
     e.finish(1, cache_ids=False)
     e.finish(0, cache_ids=False)
     assert s.cache.host.used_pages == 0
@@ -279,31 +330,23 @@ def test_after_checkpoint_moves_duplicate_pages_to_the_cached_copy() -> None:
 def test_host_tier_full_asks_the_prefix_cache_to_evict() -> None:
     e = Engine(evict=True, host_pages=10)
     s = e.serving
-    s.commit_extend(e.extend([0], [30]), e.r2t)  # 8 pages
+    e.prefill([0], [30])  # 8 pages
     e.finish(0, cache_ids=True)
     assert s.cache.host.used_pages == 8
-    s.commit_extend(e.extend([1], [20]), e.r2t)  # 5 pages: 3 must be evicted
+    e.prefill([1], [20])  # 5 pages: 3 must be evicted
     assert e.evicted and s.cache.host.used_pages <= 10
     e.finish(1, cache_ids=False)
 
 
-def test_staging_full_is_a_clear_error_and_leaks_nothing() -> None:
+def test_scratch_too_small_is_a_clear_error_and_leaks_nothing() -> None:
     e = Engine(staging=16)
-    with pytest.raises(FreeKVStagingFull, match="prefill staging is full"):
+    with pytest.raises(FreeKVStagingFull, match="the prefill scratch holds 16 tokens"):
         e.extend([0], [20])
     _idle(e)
+    assert e.serving.cache.host.used_pages == 0
 
 
-def test_row_allocators_refuse_double_release() -> None:
-    st = StagingRows(10, 20)
-    rows = st.alloc(4)
-    assert rows is not None and rows.tolist() == [10, 11, 12, 13]
-    assert st.alloc(7) is None
-    st.release(rows[:2])
-    with pytest.raises(ValueError, match="already free"):
-        st.release(rows[:1])
-    with pytest.raises(ValueError, match="out of range"):
-        st.release(torch.tensor([25]))
+def test_budget_slots_refuse_double_release() -> None:
     slots = BudgetSlots(2, 8)
     a, b = slots.alloc(), slots.alloc()
     assert (a, b, slots.alloc()) == (0, 8, None)
