@@ -6,22 +6,25 @@ passkey prompts of ~6.2K tokens are sent at once to each. Reported per policy: S
 logical token pool (``max_total_num_tokens``), the most requests running at once
 (``sglang:num_running_reqs``), keys found, wall time of the batch.
 
-    python benchmarks/bench_capacity.py [--requests 10] [--out benchmarks/results/bench_capacity_cpu.json]
+    python benchmarks/bench_capacity.py [--requests 10] [--name bench_capacity_cpu]
 
-Writes JSON (and ``$OUT/`` when OUT is set) and prints a table; never asserts.
+Writes JSON + PNG to benchmarks/results (and ``$OUT/`` when OUT is set) and prints a table;
+never asserts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _results import plot_concurrency, write_results  # noqa: E402
 
 from tests.capacity import (  # noqa: E402
     CONTEXT_LENGTH,
@@ -39,7 +42,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--policies", default="default,freekv")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/bench_capacity_cpu.json"))
+    ap.add_argument("--name", default="bench_capacity_cpu", help="result file stem")
     args = ap.parse_args()
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,13 +67,12 @@ def main() -> int:
         "dtype": "float32",
         "runs": {k: as_dict(v) for k, v in runs.items()},
     }
-    outs = [Path(args.out)]
-    if os.environ.get("OUT"):
-        outs.append(Path(os.environ["OUT"]) / Path(args.out).name)
-    for out in outs:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+    rows = [{"policy": name, "context": PROMPT_TOKENS + NEW_TOKENS,
+             "max_concurrency": run.max_running, "measured": True}
+            for name, run in runs.items()]
+    write_results(args.name, result, plot=lambda: plot_concurrency(
+        rows, device_memory_gb=DEVICE_GB,
+        subtitle=f"float32, FreeKV budget {FREEKV_CFG['budget']}, {args.requests} requests"))
     return 0
 
 

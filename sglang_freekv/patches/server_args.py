@@ -224,6 +224,11 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> FreeKVC
     chunked = getattr(args, "chunked_prefill_size", None)
     chunks = "off" if chunked is not None and chunked <= 0 else (
         f"{chunked} tokens" if chunked else "SGLang's default size")
+    if chunks != "off" and not getattr(args, "prefill_decode_interval", 0):
+        # SGLang runs the next chunk before any decode step; one decode step between chunks
+        # keeps running requests producing tokens during a long prefill.
+        args.prefill_decode_interval = 1
+        chunks += ", a decode step between chunks (--prefill-decode-interval 1)"
     print(f"freekv: CUDA graphs {graphs}; prefill graphs off (prefill is written through to "
           f"the host tier layer by layer); chunked prefill {chunks}; overlap scheduler "
           f"{overlap}", file=sys.stderr, flush=True)
