@@ -43,7 +43,7 @@ CASES: list[tuple[str, str, object, str]] = [
     ("sampling-params-not-an-object", GEN, {"text": "Hi", "sampling_params": "greedy"},
      "sampling_params"),
     ("max-new-tokens-not-a-number", GEN,
-     {"text": "Hi", "sampling_params": {"max_new_tokens": "ten"}}, "max_new_tokens"),
+     {"text": "Hi", "sampling_params": {"max_new_tokens": "ten"}}, "expected"),
     ("non-utf8-body", GEN, b'{"text": "\xff\xfe\xfa"}', ""),
     ("unknown-sampling-key", GEN,
      {"text": "Hi", "sampling_params": {"max_new_tokens": 4, "temprature": 0}}, "temprature"),
