@@ -333,7 +333,8 @@ class FreeKVDeviceStep:
         page_table, slot_loc = self.page_table[:lanes], self.slot_loc[:lanes]
         sel, scores = select_pages(q, cache.digests[layer], page_table, self.cand_start[:lanes],
                                    cand_end, cache.num_kv_heads, cache.cfg.top_k,
-                                   scale=cache.score_scale, span_weight=cache.cfg.span_weight)
+                                   scale=cache.score_scale, span_weight=cache.cfg.span_weight,
+                                   head_mask=head_mask)  # unflagged heads are not scored
         res = cache.residency[layer][rows]  # [lanes, H, k]
         rl, new_res = residency_diff(sel, scores, res, head_mask, impl="vector")
         cache.residency[layer].index_copy_(0, rows, new_res)  # padding lanes: unchanged

@@ -68,6 +68,7 @@ def _raw_score_kernel(
     pt_ptr,  # [bs, max_pages] host page id per logical page
     cs_ptr,  # [bs]
     ce_ptr,  # [bs]
+    hm_ptr,  # [bs, num_kv_heads] int8: score this (request, KV head) (if HAS_MASK)
     raw_ptr,  # [bs, num_qo_heads, max_pages] fp32 scratch, candidates only
     stride_qb,
     stride_qh,
@@ -81,12 +82,15 @@ def _raw_score_kernel(
     GROUP_SIZE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
     offs_j = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     cs = tl.load(cs_ptr + b).to(tl.int32)
     ce = tl.load(ce_ptr + b).to(tl.int32)
+    if HAS_MASK:  # a masked-out head has no candidates: no digest is read for it
+        ce = tl.where(tl.load(hm_ptr + b * tl.num_programs(1) + g) != 0, ce, cs)
     in_range = (offs_j >= cs) & (offs_j < ce) & (offs_j < max_pages)
     host = tl.load(pt_ptr + b.to(tl.int64) * stride_pb + offs_j, mask=in_range, other=-1)
     cand = in_range & (host >= 0)  # [BLOCK_P]
@@ -113,6 +117,7 @@ def _group_softmax_kernel(
     pt_ptr,  # [bs, max_pages]
     cs_ptr,  # [bs]
     ce_ptr,  # [bs]
+    hm_ptr,  # [bs, num_kv_heads] int8 (if HAS_MASK)
     out_ptr,  # [bs, num_kv_heads, max_pages] fp32
     stride_pb,
     max_pages,
@@ -121,12 +126,15 @@ def _group_softmax_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_P: tl.constexpr,
     SPAN: tl.constexpr,  # span_weight > 0
+    HAS_MASK: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
     num_kv_heads = tl.num_programs(1)
     cs = tl.load(cs_ptr + b).to(tl.int32)
     ce = tl.load(ce_ptr + b).to(tl.int32)
+    if HAS_MASK:  # a masked-out head scores -inf everywhere (as with no candidates)
+        ce = tl.where(tl.load(hm_ptr + b * num_kv_heads + g) != 0, ce, cs)
     offs_g = tl.arange(0, BLOCK_G)
     mask_g = offs_g < GROUP_SIZE
     row = (b.to(tl.int64) * num_kv_heads * GROUP_SIZE + g * GROUP_SIZE + offs_g) * max_pages
@@ -230,6 +238,7 @@ def score_pages(
     impl: str | None = None,
     scale: float = 1.0,
     span_weight: float = 0.0,
+    head_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-consistent page scores (fp32) for every logical page of every request.
 
@@ -257,6 +266,10 @@ def score_pages(
     span_weight : float
         in ``[0, 1]``: a candidate scores at least ``span_weight`` times its candidate
         predecessor (span continuation, see the module docstring); 0 = off.
+    head_mask : torch.Tensor, optional
+        shape ``[bs, num_kv_heads]``, bool, same device: only these (request, KV head) pairs
+        are scored; the others score ``-inf`` everywhere (the Triton kernels skip their
+        work: a correction that flags few heads costs little). Default: all.
 
     Returns
     -------
@@ -272,13 +285,16 @@ def score_pages(
     _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
     _check_scale(scale)
     _check_span_weight(span_weight)
+    if head_mask is not None:
+        check_tensor("head_mask", head_mask, shape=(q.shape[0], num_kv_heads), dtype=torch.bool)
+        check_same_device("q", q, head_mask=head_mask)
     path = resolve_impl_cpu(impl, q)
-    if path == "cpu":
-        return cpu_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads,
-                               scale, span_weight)
-    if path == "ref":
-        return ref_score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads,
-                               scale, span_weight)
+    if path in ("cpu", "ref"):
+        fn = cpu_score_pages if path == "cpu" else ref_score_pages
+        out = fn(q, digests, page_table, cand_start, cand_end, num_kv_heads, scale, span_weight)
+        if head_mask is not None:
+            out.masked_fill_(~head_mask[:, :, None], float("-inf"))
+        return out
     bs, num_qo_heads, head_dim = q.shape
     max_pages = page_table.shape[1]
     group_size = num_qo_heads // num_kv_heads
@@ -291,21 +307,24 @@ def score_pages(
     # registers at 4 warps, and a 128K-token request still spreads over 128 programs.
     block_p = max(1, min(next_power_of_2(max_pages), 4096 // block_d, 64))
     grid = (bs, num_kv_heads, triton.cdiv(max_pages, block_p))
+    # [bs, H] int8 (dummy pointer when unused)
+    hm = head_mask.contiguous().view(torch.int8) if head_mask is not None else cand_start
     _raw_score_kernel[grid](
-        q, digests, page_table, cand_start, cand_end, raw,
+        q, digests, page_table, cand_start, cand_end, hm, raw,
         q.stride(0), q.stride(1),
         digests.stride(0), digests.stride(1), digests.stride(2),
         page_table.stride(0),
         max_pages, head_dim, float(scale),
         GROUP_SIZE=group_size, BLOCK_P=block_p, BLOCK_D=block_d,
+        HAS_MASK=head_mask is not None,
     )  # fmt: skip
     block_g = next_power_of_2(group_size)
     _group_softmax_kernel[(bs, num_kv_heads)](
-        raw, page_table, cand_start, cand_end, out,
+        raw, page_table, cand_start, cand_end, hm, out,
         page_table.stride(0), max_pages, float(span_weight),
         GROUP_SIZE=group_size, BLOCK_G=block_g,
         BLOCK_P=max(16, min(next_power_of_2(max_pages), 4096 // block_g, 1024)),
-        SPAN=span_weight > 0,
+        SPAN=span_weight > 0, HAS_MASK=head_mask is not None,
     )  # fmt: skip
     return out
 
@@ -388,11 +407,12 @@ def select_pages(
     impl: str | None = None,
     scale: float = 1.0,
     span_weight: float = 0.0,
+    head_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``top_k`` logical pages per (request, KV head) by :func:`score_pages`.
 
-    Arguments as in :func:`score_pages` (``impl``, ``scale`` and ``span_weight`` included),
-    plus ``top_k`` (int >= 1).
+    Arguments as in :func:`score_pages` (``impl``, ``scale``, ``span_weight`` and
+    ``head_mask`` included: masked-out heads get ``-1`` pages), plus ``top_k`` (int >= 1).
 
     Returns
     -------
@@ -409,7 +429,7 @@ def select_pages(
     """
     check_positive_int("top_k", top_k)
     scores = score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, impl=impl,
-                         scale=scale, span_weight=span_weight)
+                         scale=scale, span_weight=span_weight, head_mask=head_mask)
     return _top_k(scores, top_k)
 
 

@@ -365,3 +365,30 @@ def test_bad_span_weight_is_refused(w: object) -> None:
             fn(*args, 2, 1.0, w)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="span_weight"):
         score_pages(*args, 2, impl="triton", span_weight=w)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("span_weight", [0.0, 0.5])
+def test_head_mask_scores_only_the_flagged_heads(device: torch.device,
+                                                 span_weight: float) -> None:
+    """Masked-out (request, KV head) pairs score -inf everywhere (their top-k is -1); the
+    others score exactly as without a mask, on every path."""
+    from sglang_freekv.kernels.select import score_pages, select_pages
+
+    bs, hq, h, d, pages = 3, 8, 4, 24, 37
+    q = torch.randn(bs, hq, d, device=device)
+    dig = torch.randn(pages + 5, h, 2, d, device=device).sort(dim=2).values
+    table = torch.randperm(pages + 5)[:pages].repeat(bs, 1).to(device, torch.int32)
+    cs = torch.tensor([1, 0, 3], dtype=torch.int32, device=device)
+    ce = torch.tensor([30, 37, 12], dtype=torch.int32, device=device)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool,
+                        device=device)
+    for impl in (None, "ref"):
+        full = score_pages(q, dig, table, cs, ce, h, impl=impl, scale=0.3,
+                           span_weight=span_weight)
+        part = score_pages(q, dig, table, cs, ce, h, impl=impl, scale=0.3,
+                           span_weight=span_weight, head_mask=mask)
+        assert torch.equal(part[mask], full[mask])
+        assert bool((part[~mask] == float("-inf")).all())
+        idx, _ = select_pages(q, dig, table, cs, ce, h, 4, impl=impl, scale=0.3,
+                              span_weight=span_weight, head_mask=mask)
+        assert bool((idx[~mask] == -1).all()) and bool((idx[mask] >= 0).all())
