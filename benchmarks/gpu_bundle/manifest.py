@@ -67,10 +67,15 @@ TRIM: list[str] = [
     "**/__pycache__",
 ]
 
-# FlashInfer: keep the Python package, data/include and these csrc files (decode + prefill
-# + the shared helpers a JIT build of them includes); everything else under data/ is dropped.
+# FlashInfer: keep the Python package, its headers (data/include; the vendored CCCL, CUTLASS
+# and spdlog its JIT builds put first on the include path: +6.5 MiB packed, so a module not
+# prebuilt, FA3 included, can still compile on the GPU machine) and these csrc files (decode,
+# prefill, cascade, page); the other 270 MiB of csrc go.
 FLASHINFER_KEEP_DATA: list[str] = [
     "data/include",
+    "data/cccl",
+    "data/cutlass",
+    "data/spdlog",
 ]
 FLASHINFER_KEEP_CSRC: list[str] = [
     "batch_decode*",
@@ -79,6 +84,8 @@ FLASHINFER_KEEP_CSRC: list[str] = [
     "single_prefill*",
     "cascade*",
     "page*",
+    "flashinfer_cascade_binding.cu",
+    "flashinfer_page_binding.cu",
     "flashinfer_ops*",
     "tvm_ffi_utils.h",
     "*jit_binding*",

@@ -235,8 +235,10 @@ def make_model(src: Path, dst: Path, seed: int = 0) -> dict[str, Any]:
 
 
 class Server:
-    def __init__(self, label: str, argv: list[str], port: int, out: Path, env: dict[str, str]):
+    def __init__(self, label: str, argv: list[str], port: int, out: Path, env: dict[str, str],
+                 deadline: float = float("inf")):
         self.label = label
+        self.deadline = deadline  # requests never wait past it (a hung run must not eat the rest)
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = out / f"server_{label}.log"
         self.cmd = [sys.executable, "-m", "sglang.launch_server", *argv]
@@ -294,6 +296,9 @@ class Server:
         return [ln[:400] for ln in lines
                 if LOG_LINES.search(ln) and "warnings.warn" not in ln and "UserWarning" not in ln][:limit]
 
+    def _timeout(self, timeout: float) -> tuple[float, float]:
+        return (10.0, max(10.0, min(timeout, self.deadline - time.time() - 10)))
+
     def generate(self, input_ids: list[int], max_new_tokens: int, timeout: float,
                  logprobs: bool = False, ignore_eos: bool = True) -> dict[str, Any]:
         import requests
@@ -306,7 +311,7 @@ class Server:
         if logprobs:
             payload.update({"return_logprob": True, "top_logprobs_num": 2,
                             "logprob_start_len": len(input_ids) - 1})
-        r = requests.post(f"{self.url}/generate", json=payload, timeout=(10, timeout))
+        r = requests.post(f"{self.url}/generate", json=payload, timeout=self._timeout(timeout))
         if r.status_code != 200:
             raise RuntimeError(f"/generate HTTP {r.status_code}: {r.text[:500]}")
         return r.json()
@@ -321,7 +326,7 @@ class Server:
         t0 = time.time()
         marks: list[tuple[float, int]] = []
         with requests.post(f"{self.url}/generate", json=payload, stream=True,
-                           timeout=(10, timeout)) as r:
+                           timeout=self._timeout(timeout)) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"/generate HTTP {r.status_code}: {r.text[:500]}")
             for raw in r.iter_lines():
@@ -373,7 +378,7 @@ def equivalence_requests(server: Server, lengths: tuple[int, ...], new_tokens: i
 
 def run_server_workload(check: Check, label: str, argv: list[str], port: int, env: dict[str, str],
                         workload: dict[str, Any]) -> dict[str, Any]:
-    server = Server(label, argv, port, check.out, env)
+    server = Server(label, argv, port, check.out, env, deadline=check.deadline)
     res: dict[str, Any] = {"argv": argv}
     check.summary["runs"][label] = res
     try:
@@ -394,7 +399,11 @@ def run_server_workload(check: Check, label: str, argv: list[str], port: int, en
             res["decode"] = _guard(decode)
             check.save()
         res["alive_after"] = server.proc is not None and server.proc.poll() is None
-        if not res["alive_after"]:
+        failed = [k for k in ("equivalence", "equivalence_16k", "decode")
+                  if isinstance(res.get(k), dict) and "error" in res[k]]
+        if failed:
+            res["failed_requests"] = failed
+        if failed or not res["alive_after"]:
             res["log_tail"] = server.tail()
     except BaseException as exc:  # noqa: BLE001 - recorded with the log tail
         res["error"] = f"{type(exc).__name__}: {str(exc)[:4000]}"
@@ -441,6 +450,8 @@ def make_verdict(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         verdict["equivalence_16k_budget_ge_context"] = compare(
             runs["default"].get("equivalence_16k"), runs["freekv_dense16k"]["equivalence_16k"])
     failed = {k: v["error"][:300] for k, v in runs.items() if isinstance(v, dict) and "error" in v}
+    failed.update({k: "requests failed: " + ", ".join(v["failed_requests"]) for k, v in runs.items()
+                   if isinstance(v, dict) and v.get("failed_requests") and k not in failed})
     if failed:
         verdict["failed_runs"] = failed
     return verdict
