@@ -8,7 +8,9 @@ only, Python >= 3.11; the GPU machine has 3.12 and no network):
   checkout's ``pyproject.toml`` (``sglang.srt.plugins`` / ``sglang.srt.platforms``), so SGLang
   discovers the plugin while the code itself is imported from the checkout on ``PYTHONPATH``
   (nothing is built, so the check always runs the tree it was sent with);
-* checks that every distribution of the bundle's ``bundle.json`` has its dist-info.
+* copies the ``sgl_kernel`` stub and the check platform from this checkout (so editing them
+  needs no rebuild of the bundle) and checks that every distribution of ``bundle.json`` has
+  its dist-info and matches ``manifest.BUNDLED`` (a stale bundle is reported, not fatal).
 
 Then ``PYTHONPATH=<site>:<repo>``. Prints one JSON line with what it did.
 """
@@ -88,10 +90,17 @@ def main() -> int:
         return 2
     extracted = extract(bundle, site)
     project = register_project(site, Path(args.repo))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from build import write_check_package
+    from manifest import BUNDLED
+
+    write_check_package(site)
     missing = check_dists(bundle, site)
+    stale = json.loads((bundle / "bundle.json").read_text())["bundled"] != BUNDLED
     aot = sorted(p.name for p in (site / "flashinfer" / "data" / "aot").glob("*"))
     print(json.dumps({"ok": not missing, "site": str(site), "extracted": extracted,
                       "project": project, "missing_dists": missing, "flashinfer_aot": aot,
+                      "stale_bundle": stale,
                       "seconds": round(time.time() - t0, 1)}))
     return 0 if not missing else 1
 
