@@ -12,9 +12,9 @@ decodes for the first time (``FreeKVServing._activate``).
 
 Host pages of a request: the leading whole pages of a matched prefix whose ids map, in order,
 to one host page are shared (a reference, their digests reused); every other page the request
-writes is its own. A page that holds prefix tokens and that the request does not own (the page
-where a radix match ends) is copied on write: the request gets a new page, written whole from
-the scratch, so no cached sequence ever changes.
+writes is its own, allocated for it (the page where a radix match ends included: written whole
+from the scratch, the prefix part read back from the host tier), so no cached sequence ever
+changes. A chunk continues its request's own partial last page in place.
 """
 
 from __future__ import annotations
