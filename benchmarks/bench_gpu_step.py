@@ -360,9 +360,11 @@ class Bench:
         bs_max = max(s.batches)
         cfg = FreeKVConfig(page_size=s.page, budget=s.budget, sink=s.sink, window=s.window)
         self.result["freekv_config"] = cfg.to_dict()
-        staging = max(g.ctx + sum(g.suffix) for g in groups) + s.page
-        rows = DeviceRows(budget=s.budget, max_reqs=len(groups) * bs_max, staging_rows=staging,
-                          page_size=s.page)
+        # one-layer prefill scratch: the largest extend (request 0, or the prefix-sharing
+        # requests with their shared prefix read back) plus a page
+        scratch = max(max(g.ctx + g.suffix[0], (g.ctx + max(g.suffix)) * (g.bs_max - 1))
+                      for g in groups) + s.page
+        rows = DeviceRows(budget=s.budget, max_reqs=len(groups) * bs_max, page_size=s.page)
         longest = max(g.ctx for g in groups) + self.tail()
         max_pages = -(-longest // s.page) + 1
         host_pages = sum(g.ctx // s.page + bs_max * (2 + -(-self.tail() // s.page))
@@ -376,8 +378,11 @@ class Bench:
         self.sync()
         t_buf = time.perf_counter() - t
         t = time.perf_counter()
+        sshape = (scratch, s.kv_heads, s.head_dim)
         self.serving = FreeKVServing(
-            cfg, rows, k_buffers=kb, v_buffers=vb, num_qo_heads=s.qo_heads,
+            cfg, rows, scratch_k=torch.zeros(sshape, dtype=s.dtype, device=self.device),
+            scratch_v=torch.zeros(sshape, dtype=s.dtype, device=self.device),
+            k_buffers=kb, v_buffers=vb, num_qo_heads=s.qo_heads,
             num_token_ids=num_ids, num_host_pages=host_pages, max_pages_per_req=max_pages,
             max_req_rows=1 + len(groups) * bs_max, decode_step="device", max_bs=bs_max)
         t_init = time.perf_counter() - t
@@ -409,8 +414,9 @@ class Bench:
         for layer in sv.sparse_layers:
             k = torch.cat([grp.k[layer][:grp.ctx], grp.k[layer][sfx0]])
             v = torch.cat([grp.v[layer][:grp.ctx], grp.v[layer][sfx0]])
-            sv.write_extend(layer, step, k, v)
-        sv.commit_extend(step, r2t)
+            sv.begin_extend_layer(layer, step, k, v)
+            sv.end_extend_layer(layer, step)
+        sv.commit_extend(step)
         self.sync()
         t_first = time.perf_counter() - t
         t = time.perf_counter()
@@ -430,8 +436,9 @@ class Bench:
                                for b in range(1, grp.bs_max)])
                 v = torch.cat([grp.v[layer][grp.tail_row(1, b):grp.tail_row(1, b) + grp.suffix[b]]
                                for b in range(1, grp.bs_max)])
-                sv.write_extend(layer, step, k, v)
-            sv.commit_extend(step, r2t)
+                sv.begin_extend_layer(layer, step, k, v)
+                sv.end_extend_layer(layer, step)
+            sv.commit_extend(step)
         self.sync()
         t_rest = time.perf_counter() - t
         grp.n = [grp.ctx + grp.suffix[b] for b in range(grp.bs_max)]
