@@ -204,27 +204,26 @@ def pool_class(base: type) -> type:
 
 
 def _add_one_req(orig: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    """Admit a request into a prefill batch only while the batch's tokens (its extended
-    tokens plus its prefix, read back from the host tier) fit FreeKV's one-layer prefill
-    scratch; the first request always fits (the scratch holds one context)."""
+    """Admit a request into a prefill batch only while the batch's tokens (each request's
+    prefix, read back from the host tier, plus what it extends this forward) fit FreeKV's
+    one-layer prefill scratch; the first request always fits (the scratch holds one context).
+
+    The requests already in the batch (a continuing chunked request included, which SGLang
+    adds through ``add_chunked_req``) hold ``extend_end`` scratch rows each: prefix + chunk.
+    """
     pool = ACTIVE.get("pool")
     if pool is None:
         return orig(self, req, *args, **kwargs)
     from sglang.srt.managers.schedule_policy import AddReqResult
 
-    # prefix + the tokens this forward may extend (a chunk at most), all in the scratch
-    prefix = len(getattr(req, "prefix_indices", None) or [])
+    prefix = int(req.prefix_len)
     extend = len(req.full_untruncated_fill_ids) - prefix
     chunk = getattr(self, "rem_chunk_tokens", None)
     need = prefix + (min(extend, chunk) if chunk else extend)
-    staged = getattr(self, "_freekv_staged", 0)
+    staged = sum(int(r.extend_end) for r in self.can_run_list)
     if self.can_run_list and staged + need > pool.staging_rows:
         return AddReqResult.OTHER
-    before = len(self.can_run_list)
-    result = orig(self, req, *args, **kwargs)
-    if len(self.can_run_list) > before:
-        self._freekv_staged = staged + need
-    return result
+    return orig(self, req, *args, **kwargs)
 
 
 def register() -> None:
