@@ -10,10 +10,13 @@ SERVE_ARGS ?=
 KV_POLICY ?= freekv
 FREEKV_CONFIG ?=
 PYTEST_ARGS ?=
+# `make test` leaves out the tests marked slow (the soak, capacity, long-prompt and needle
+# servers: ~1 h more on 2 cores); `make test-all` runs everything.
+PYTEST_MARK ?= not slow
 # Extra flags for every CPU benchmark, e.g. make bench BENCH_ARGS=--quick
 BENCH_ARGS ?=
 
-.PHONY: install serve test model bench clean-venv
+.PHONY: install serve test test-all model bench clean-venv
 
 # The stamp is rebuilt when packaging changes; pip then brings the venv up to date.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -37,6 +40,9 @@ serve: install
 	  $(if $(FREEKV_CONFIG),--freekv-config '$(FREEKV_CONFIG)') --enable-metrics $(SERVE_ARGS)
 
 test: install
+	$(PY) -m pytest -m "$(PYTEST_MARK)" $(PYTEST_ARGS)
+
+test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The CPU benchmarks; each writes <name>.json and a <name>.png plot to benchmarks/results/.

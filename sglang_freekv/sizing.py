@@ -215,7 +215,9 @@ def plan_device_memory(
     # running request keeps one spare host page for its partial last page).
     host_cap = max(1, host_pages - -(-context_len // p))
     if max_running_requests is not None:
-        r = max(1, int(max_running_requests))
+        # an upper bound, as SGLang reads --max-running-requests: never so many requests
+        # that their spare pages leave the host tier short of one whole context
+        r = max(1, min(int(max_running_requests), host_cap))
     else:
         r = int(min(max_running_cap, host_cap,
                     max(1, spare // (per_req + context_len * per_token))))

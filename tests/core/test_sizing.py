@@ -82,7 +82,20 @@ def test_plan_refuses_what_cannot_work() -> None:
     with pytest.raises(FreeKVSizingError, match="prefill scratch"):
         _plan(0.02)  # the one-layer scratch (~10 MB) and one budget (~23 MB) need ~33 MB
     with pytest.raises(FreeKVSizingError, match="host_memory_gb"):
-        _plan(4.0, host_bytes=20 * 32 * SMOL_TOKEN, max_running_requests=30)
+        _plan(4.0, host_bytes=12 * 32 * SMOL_TOKEN)  # 11 pages: fewer tokens than a budget
+
+
+def test_max_running_requests_is_an_upper_bound() -> None:
+    """--max-running-requests (or the CPU platform's default) never takes so many spare
+    pages that one whole-context request no longer fits the host tier."""
+    pages = 72
+    context = (pages - 1) * 32
+    plan = _plan(4.0, host_bytes=pages * 32 * SMOL_TOKEN, context_len=context,
+                 max_running_requests=32)
+    assert plan.max_running_requests == 1 and plan.max_total_tokens >= context
+    roomy = _plan(4.0, host_bytes=pages * 32 * SMOL_TOKEN, context_len=1000,
+                  max_running_requests=32)
+    assert roomy.max_running_requests == 32  # 72 pages - 32 for a 1000-token context >= 32
 
 
 def test_a_whole_context_fits_the_host_tier() -> None:
