@@ -13,7 +13,7 @@ import pytest
 
 from tests.capacity import PROMPT_TOKENS, NEW_TOKENS, run_capacity
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 N_REQUESTS = 10
 

@@ -25,7 +25,7 @@ import requests
 from tests.helpers import Server, embedded_model_path, generate_ids, metric_values, run_server
 from tests.passkey import build_passkey_prompt, filler_prompt, found_key
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 EXACT = {"budget": 4096, "sink": 512, "window": 512}  # covers every prompt + output below
 SMALL = {"budget": 512, "sink": 64, "window": 128}

@@ -21,7 +21,7 @@ import pytest
 from tests.helpers import embedded_model_path, generate_ids, run_server
 from tests.needles import build_needle_prompt, exact_match
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 FREEKV_CFG = {"budget": 512, "sink": 64, "window": 128}
 # (context tokens, depth, seed). The first is the traced case of docs/design.md: with plain
