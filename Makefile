@@ -10,8 +10,8 @@ SERVE_ARGS ?=
 KV_POLICY ?= freekv
 FREEKV_CONFIG ?=
 PYTEST_ARGS ?=
-# `make test` leaves out the tests marked slow (the soak, capacity, long-prompt and needle
-# servers: ~1 h more on 2 cores); `make test-all` runs everything.
+# `make test` leaves out the tests marked slow (the soak, capacity, memory-pressure,
+# long-prompt and needle servers: ~1 h more on 2 cores); `make test-all` runs everything.
 PYTEST_MARK ?= not slow
 # Extra flags for every CPU benchmark, e.g. make bench BENCH_ARGS=--quick
 BENCH_ARGS ?=

@@ -10,6 +10,9 @@ Changes (only when ``--kv-policy freekv`` is active):
 - ``GenerateReqInput._handle_parallel_sampling`` (AFTER): ``n`` above ``MAX_PARALLEL_SAMPLES``
   is refused before SGLang copies the prompt ``n`` times (``n = 10**6`` took the HTTP server
   to ~8 GB of memory and minutes of CPU).
+- ``OpenAIServingChat._validate_request`` (AFTER): a negative ``max_tokens`` or
+  ``max_completion_tokens`` is refused naming the field the client sent (SGLang's own
+  message names its internal ``max_new_tokens``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from sglang_freekv.patches.server_args import policy_of
 
 _VALIDATE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 _PARALLEL = "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling"
-TARGETS = (_VALIDATE, _PARALLEL)
+_CHAT = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
+TARGETS = (_VALIDATE, _PARALLEL, _CHAT)
 MAX_PARALLEL_SAMPLES = 256
 
 
@@ -59,8 +63,20 @@ def _refuse_huge_n(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _check_chat(result: Any, self: Any, request: Any, *args: Any, **kwargs: Any) -> str | None:
+    policy, _ = policy_of()
+    if result is not None or policy != "freekv":
+        return None
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(request, name, None)
+        if isinstance(value, int) and value < 0:
+            return f"{name}={value}: must be >= 0."
+    return None
+
+
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(_VALIDATE, _check_request, HookType.BEFORE)
     HookRegistry.register(_PARALLEL, _refuse_huge_n, HookType.AFTER)
+    HookRegistry.register(_CHAT, _check_chat, HookType.AFTER)

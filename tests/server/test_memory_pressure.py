@@ -17,7 +17,7 @@ import pytest
 from tests.helpers import embedded_model_path, generate_ids, metric_values, run_server
 from tests.passkey import filler_prompt
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 # 0.33 GiB of float32 host tier (46080 B/token) = 240 pages of 32 tokens; with a 2048-token
 # context and 32 running requests, SGLang gets (240 - 32) * 32 = 6656 logical tokens, while
