@@ -93,3 +93,53 @@ def test_only_the_chunk_of_a_long_prompt_counts() -> None:
     # a 5000-token prompt extends at most 256 tokens this forward
     assert _admit(adder, FakeReq(prefix_len=0, total=5000)) is None
     assert adder.can_run_list[-1].extend_end == 256
+
+
+class FakeServing:
+    """The serving core's face the decode check reads: page size, free host pages, and an
+    eviction that frees up to ``evictable`` pages."""
+
+    def __init__(self, free: int, evictable: int) -> None:
+        self.cfg = SimpleNamespace(page_size=32)
+        self.cache = SimpleNamespace(host=SimpleNamespace(free_pages=free))
+        self.evictable = evictable
+
+    def ensure_host_pages(self, n: int) -> None:
+        host = self.cache.host
+        got = min(self.evictable, max(0, n - host.free_pages))
+        self.evictable -= got
+        host.free_pages += got
+
+
+def _batch(*kv_lens: int) -> SimpleNamespace:
+    return SimpleNamespace(reqs=[SimpleNamespace(kv=SimpleNamespace(kv_committed_len=n))
+                                 for n in kv_lens])
+
+
+def _decode_fits(monkeypatch: pytest.MonkeyPatch, serving: FakeServing, batch: SimpleNamespace,
+                 *args: Any) -> bool:
+    monkeypatch.setitem(freekv_pool.ACTIVE, "backend", SimpleNamespace(serving=serving))
+    return freekv_pool._check_decode_mem(lambda self, *a, **k: True, batch, *args)
+
+
+def test_decode_needs_a_host_page_for_each_page_it_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "kv_committed_len" in inspect.getsource(Req)
+    batch = _batch(64, 95, 70)  # 64 opens a page now, 95 at the next step (overlap), 70 not
+    assert freekv_pool.pages_opened_next_decode([64, 95, 70], 32) == 2
+    assert _decode_fits(monkeypatch, FakeServing(free=2, evictable=0), batch)
+    # short of pages: the radix cache gives one back, then it fits
+    serving = FakeServing(free=1, evictable=5)
+    assert _decode_fits(monkeypatch, serving, batch) and serving.evictable == 4
+    # nothing to evict: SGLang is told "no room" and retracts
+    assert not _decode_fits(monkeypatch, FakeServing(free=1, evictable=0), batch)
+    # retraction re-checks a subset (selected_indices): the request at 70 alone fits
+    assert _decode_fits(monkeypatch, FakeServing(free=0, evictable=0), batch, [2])
+
+
+def test_decode_check_leaves_sglang_verdicts_and_other_policies_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(freekv_pool.ACTIVE, "backend", None)
+    assert freekv_pool._check_decode_mem(lambda self, *a, **k: True, _batch(64))
+    monkeypatch.setitem(freekv_pool.ACTIVE, "backend",
+                        SimpleNamespace(serving=FakeServing(free=9, evictable=0)))
+    assert not freekv_pool._check_decode_mem(lambda self, *a, **k: False, _batch(64))

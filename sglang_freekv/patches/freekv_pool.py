@@ -11,6 +11,11 @@ Changes (only when ``--kv-policy freekv`` is active in this process):
   :class:`FreeKVTokenToKVPool` (dense layers full-size, sparse layers budget + staging rows).
 - ``PrefillAdder.add_one_req`` (AROUND): stops filling a prefill batch before its tokens
   (prefixes included: they are read back into the scratch) overflow the prefill scratch.
+- ``ScheduleBatch.check_decode_mem`` (AROUND): the next decode step must also find a host page
+  for every request whose token opens one (after evicting radix-cache entries that hold host
+  pages); otherwise it answers "no room" and SGLang retracts requests, as it does when its token
+  pool runs out. The host tier can run out first: cached prefixes keep their partial last
+  pages, and a request that matched a prefix in the middle of a page holds its own copy of it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ _CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 _RESOLVE_CONFIG = f"{_CONFIGURATOR}._resolve_memory_pool_config"
 _RESOLVE_CLASS = f"{_CONFIGURATOR}._resolve_kv_pool_class"
 _ADMIT = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
-TARGETS = (_RESOLVE_CONFIG, _RESOLVE_CLASS, _ADMIT)
+_DECODE_MEM = "sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem"
+TARGETS = (_RESOLVE_CONFIG, _RESOLVE_CLASS, _ADMIT, _DECODE_MEM)
 
 # The plan of this process (one model runner per scheduler process) and its pool.
 ACTIVE: dict[str, Any] = {"plan": None, "pool": None, "backend": None, "scheduler": None}
@@ -226,9 +232,33 @@ def _add_one_req(orig: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> A
     return orig(self, req, *args, **kwargs)
 
 
+def pages_opened_next_decode(kv_lens: list[int], page_size: int) -> int:
+    """Host pages the next decode step may open: a request whose next token starts a page
+    (``kv_len % P == 0``), or the one after it (``P - 1``: with the overlap scheduler the batch
+    is planned one step ahead of the committed lengths)."""
+    return sum(1 for n in kv_lens if n % page_size in (0, page_size - 1))
+
+
+def _check_decode_mem(orig: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+    ok = orig(self, *args, **kwargs)
+    backend = ACTIVE.get("backend")
+    if not ok or backend is None:
+        return ok
+    selected = args[0] if args else kwargs.get("selected_indices")
+    reqs = self.reqs if selected is None else [self.reqs[i] for i in selected]
+    serving = backend.serving
+    need = pages_opened_next_decode([int(r.kv.kv_committed_len) for r in reqs],
+                                    serving.cfg.page_size)
+    if need == 0:
+        return ok
+    serving.ensure_host_pages(need)  # evicts radix-cache entries holding host pages
+    return serving.cache.host.free_pages >= need
+
+
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(_ADMIT, _add_one_req, HookType.AROUND)
+    HookRegistry.register(_DECODE_MEM, _check_decode_mem, HookType.AROUND)
     HookRegistry.register(_RESOLVE_CONFIG, _resolve_memory_pool_config, HookType.AROUND)
     HookRegistry.register(_RESOLVE_CLASS, _resolve_kv_pool_class, HookType.AROUND)
