@@ -121,11 +121,13 @@ def post_generate(url: str, payload: dict, timeout: float = 600) -> requests.Res
 
 
 def generate_ids(
-    server: Server, input_ids: Sequence[int], max_new_tokens: int = 16, **params: object
+    server: Server, input_ids: Sequence[int], max_new_tokens: int = 16, *,
+    timeout: float = 600, **params: object
 ) -> dict:
     """Greedy /generate from token ids (exact prompt length, no server-side tokenization)."""
     sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, **params}
-    resp = post_generate(server.url, {"input_ids": list(input_ids), "sampling_params": sampling})
+    resp = post_generate(server.url, {"input_ids": list(input_ids), "sampling_params": sampling},
+                         timeout=timeout)
     resp.raise_for_status()
     return resp.json()
 
