@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,3 +147,29 @@ def metric_values(url: str, name: str) -> list[float]:
         if metric == name:
             values.append(float(value))
     return values
+
+
+USAGE_GAUGES = ("sglang:freekv_host_pages_used", "sglang:freekv_device_pages_used")
+
+
+def wait_until(check: Callable[[], object], timeout_s: float, what: str,
+               interval_s: float = 0.5) -> object:
+    """Poll ``check`` until it returns something truthy (returned); after about
+    ``timeout_s`` of polls raise ``TimeoutError`` naming ``what`` and the last value. A bound
+    on waiting (a hang fails the test), never a timing assert."""
+    last: object = None
+    for _ in range(max(1, int(timeout_s / interval_s))):
+        last = check()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} (not within {timeout_s:.0f} s; last: {last!r})")
+
+
+def wait_gauges_zero(url: str, gauges: Sequence[str] = USAGE_GAUGES,
+                     timeout_s: float = 60) -> None:
+    """Wait until every gauge in ``gauges`` is exported and sums to 0 over ranks."""
+    def idle() -> bool:
+        return all((v := metric_values(url, g)) and sum(v) == 0 for g in gauges)
+
+    wait_until(idle, timeout_s, f"gauges {list(gauges)} back to 0")

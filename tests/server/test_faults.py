@@ -26,7 +26,15 @@ import psutil
 import pytest
 import requests
 
-from tests.helpers import Server, embedded_model_path, generate_ids, metric_values, run_server
+from tests.helpers import (
+    Server,
+    embedded_model_path,
+    generate_ids,
+    metric_values,
+    run_server,
+    wait_gauges_zero,
+    wait_until,
+)
 from tests.passkey import build_passkey_prompt, filler_prompt, found_key
 
 pytestmark = pytest.mark.server
@@ -42,13 +50,26 @@ def _args(*extra: str) -> list[str]:
 
 
 def _wait_gauges_zero(server: Server, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        now = {g: metric_values(server.url, g) for g in GAUGES}
-        if all(v and sum(v) == 0 for v in now.values()):
-            return
-        assert time.monotonic() < deadline, f"gauges not back to 0: {now}"
-        time.sleep(0.5)
+    wait_gauges_zero(server.url, GAUGES, timeout)
+
+
+def _start_concurrent(server: Server, prompts: list, n: int,
+                      ) -> tuple[list[threading.Thread], dict[int, object]]:
+    """Start ``n`` greedy 10-token requests at once (prompt ``i % len(prompts)``); each
+    thread leaves its output ids, or the exception it raised, in the returned dict."""
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = generate_ids(server, prompts[i % len(prompts)].input_ids,
+                                      10)["output_ids"]
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +113,7 @@ def test_flush_cache_during_traffic_is_safe(server: Server) -> None:
     model = embedded_model_path()
     prompts = [build_passkey_prompt(model, 1500, 0.3 + 0.1 * i, seed=70 + i) for i in range(4)]
     want = {i: generate_ids(server, p.input_ids, 10)["output_ids"] for i, p in enumerate(prompts)}
-    results: dict[int, object] = {}
-
-    def run(i: int) -> None:
-        try:
-            results[i] = generate_ids(server, prompts[i % 4].input_ids, 10)["output_ids"]
-        except Exception as exc:  # noqa: BLE001 - reported below
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    threads, results = _start_concurrent(server, prompts, 8)
     flushes = 0
     while any(t.is_alive() for t in threads):
         r = requests.post(f"{server.url}/flush_cache", timeout=60)
@@ -118,10 +129,7 @@ def test_flush_cache_during_traffic_is_safe(server: Server) -> None:
         assert out[:3] == want[i % 4][:3], (i, out, want[i % 4])
     _wait_gauges_zero(server)
     assert requests.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
-    deadline = time.monotonic() + 30
-    while sum(metric_values(server.url, "sglang:freekv_host_pages_cached")) != 0:
-        assert time.monotonic() < deadline, "cached pages not returned after /flush_cache"
-        time.sleep(0.5)
+    wait_gauges_zero(server.url, ("sglang:freekv_host_pages_cached",), timeout_s=30)
 
 
 @contextmanager
@@ -153,10 +161,8 @@ def test_sigterm_answers_in_flight_requests_and_exits(tmp_path: Path) -> None:
         threads = [threading.Thread(target=run) for _ in range(3)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 300
-        while sum(metric_values(srv.url, "sglang:freekv_host_pages_used")) == 0:
-            assert time.monotonic() < deadline, "requests never started"
-            time.sleep(0.5)
+        wait_until(lambda: sum(metric_values(srv.url, "sglang:freekv_host_pages_used")) > 0,
+                   300, "the requests start")
         os.killpg(srv.proc.pid, signal.SIGTERM)
         srv.proc.wait(timeout=STOP_S)  # TimeoutExpired fails the test
         for t in threads:
@@ -193,17 +199,7 @@ def test_concurrent_cached_requests_equal_the_same_requests_alone(server: Server
     prompts = [build_passkey_prompt(model, 1500, 0.3 + 0.1 * i, seed=70 + i) for i in range(4)]
     want = {i: generate_ids(server, p.input_ids, 10)["output_ids"] for i, p in enumerate(prompts)}
     for _ in range(3):
-        results: dict[int, object] = {}
-
-        def run(i: int) -> None:
-            try:
-                results[i] = generate_ids(server, prompts[i % 4].input_ids, 10)["output_ids"]
-            except Exception as exc:  # noqa: BLE001 - reported below
-                results[i] = exc
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
+        threads, results = _start_concurrent(server, prompts, 8)
         for t in threads:
             t.join(timeout=600)
         for i in range(8):

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import embedded_model_path, generate_ids, metric_values, run_server
+from tests.helpers import (
+    embedded_model_path,
+    generate_ids,
+    metric_values,
+    run_server,
+    wait_gauges_zero,
+    wait_until,
+)
 from tests.passkey import filler_prompt
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -51,12 +57,12 @@ def test_small_host_tier_queues_and_retracts_with_correct_outputs(tmp_path: Path
         threads = [threading.Thread(target=run, args=(i,)) for i in range(N_REQ)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 1500
-        while any(t.is_alive() for t in threads):
-            assert time.monotonic() < deadline, "requests did not finish (hang?)"
+        def finished() -> bool:
             vals = metric_values(server.url, "sglang:num_running_reqs")
             peak_running[0] = max([peak_running[0], *map(int, vals)])
-            time.sleep(0.5)
+            return not any(t.is_alive() for t in threads)
+
+        wait_until(finished, 1500, "the requests finish (hang?)")
         for t in threads:
             t.join()
         for i in range(N_REQ):
@@ -65,8 +71,5 @@ def test_small_host_tier_queues_and_retracts_with_correct_outputs(tmp_path: Path
             assert results[i] == alone[i], i
         log = server.log().lower()
         assert peak_running[0] < N_REQ or "retract" in log, peak_running[0]
-        deadline = time.monotonic() + 60
-        while not all(sum(metric_values(server.url, g)) == 0 for g in GAUGES):
-            assert time.monotonic() < deadline, "usage gauges not back to 0"
-            time.sleep(0.5)
+        wait_gauges_zero(server.url, GAUGES)
         assert server.generate("The capital of France is", 8)["text"].strip()
