@@ -7,7 +7,6 @@ prompts of ~6.2K tokens are sent at once to each server in turn.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -35,7 +35,7 @@ from tests.helpers import (
     wait_gauges_zero,
     wait_until,
 )
-from tests.passkey import build_passkey_prompt, filler_prompt, found_key
+from tests.passkey import build_passkey_prompt, filler_prompt
 
 pytestmark = pytest.mark.server
 
