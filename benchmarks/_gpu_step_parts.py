@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,8 @@ import triton.language as tl
 from _results import COLORS, LABELS
 
 __all__ = ["LLAMA_8B", "TINY", "Group", "Shapes", "SyntheticModel", "check_attention",
-           "decode_attention", "plot_step", "print_table", "ref_decode_attention", "rms_norm"]
+           "decode_attention", "plot_step", "print_table", "ref_decode_attention", "rms_norm",
+           "time_events", "time_wall"]
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -386,3 +388,30 @@ def print_table(result: dict[str, Any]) -> None:
     rc = result["recall"]
     print(f"recall_direct {rc.get('recall_direct_gbps')} GB/s, pinned H2D peak "
           f"{rc.get('h2d_pinned_peak_gbps')} GB/s")
+
+
+# ---------------------------------------------------------------------------- timing
+def time_events(fn: Callable[[], Any], reps: int) -> float:
+    """Median seconds of ``fn`` on the current stream (CUDA events), after one warm-up."""
+    fn()
+    # SYNC: benchmark timing, outside any measured step: the warm-up is done before timing
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()  # SYNC: read this repetition's time; not part of the step timed
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def time_wall(fn: Callable[[], Any], reps: int) -> float:
+    """Median wall seconds of ``fn`` (CPU dry runs: no CUDA events)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]

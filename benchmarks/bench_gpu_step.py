@@ -102,6 +102,8 @@ from _gpu_step_parts import (
     decode_attention,
     plot_step,
     print_table,
+    time_events,
+    time_wall,
 )
 from _results import output_dirs, write_results
 
@@ -321,7 +323,7 @@ class Bench:
         nbytes = 1 << 30
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        t = _time_events(lambda: dev.copy_(host, non_blocking=True), reps=5)
+        t = time_events(lambda: dev.copy_(host, non_blocking=True), reps=5)
         self.result["recall"]["h2d_pinned_peak_gbps"] = nbytes / t / 1e9
         self.log(f"pinned host->device peak: {nbytes / t / 1e9:.1f} GB/s (1 GiB cudaMemcpyAsync)")
 
@@ -481,7 +483,7 @@ class Bench:
                                        blk[0]))
                 ok &= bool(torch.equal(vb[int(dst[i]):int(dst[i]) + s.page, int(heads[i])].cpu(),
                                        blk[1]))
-            t = _time_events(go, reps=10) if self.cuda else _time_wall(go, reps=1)
+            t = time_events(go, reps=10) if self.cuda else time_wall(go, reps=1)
             by_size[str(n)] = n * block / t / 1e9
         gbps = by_size[str(n_max)]
         peak = self.result["recall"].get("h2d_pinned_peak_gbps")
@@ -743,31 +745,6 @@ class Bench:
         self.result["targets"] = out
         for k, v in out.items():
             self.log(f"target {k}: {v}")
-
-
-# ---------------------------------------------------------------------------- timing
-def _time_events(fn: Callable[[], Any], reps: int) -> float:
-    """Median seconds of ``fn`` on the current stream (CUDA events), after one warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def _time_wall(fn: Callable[[], Any], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 # ---------------------------------------------------------------------------- main

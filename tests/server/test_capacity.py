@@ -7,7 +7,6 @@ prompts of ~6.2K tokens are sent at once to each server in turn.
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.capacity import PROMPT_TOKENS, NEW_TOKENS, run_capacity
