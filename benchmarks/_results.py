@@ -33,9 +33,10 @@ T = TypeVar("T")
 
 # One colour per configuration across every plot.
 COLORS = {"default": "#4C72B0", "freekv": "#DD8452", "freekv_sync": "#55A868",
-          "freekv_layer": "#8172B3"}
+          "freekv_layer": "#8172B3", "freekv_nospan": "#C44E52"}
 LABELS = {"default": "default (dense)", "freekv": "FreeKV (speculative)",
-          "freekv_sync": "FreeKV synchronous", "freekv_layer": "FreeKV, job per layer"}
+          "freekv_sync": "FreeKV synchronous", "freekv_layer": "FreeKV, job per layer",
+          "freekv_nospan": "FreeKV, span_weight 0"}
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
@@ -136,29 +137,33 @@ def _figure(title: str, width: float = 7.0, height: float = 4.2) -> tuple[Figure
 
 # ---------------------------------------------------------------------------- plots
 def plot_decode(rows: Sequence[Mapping[str, Any]], *, subtitle: str = "") -> Figure:
-    """Decode tok/s vs context length, one line per server configuration.
+    """Decode tok/s vs context length, one line per server configuration and dtype.
 
     ``rows``: bench_decode rows, each with ``server`` (default / freekv / freekv_sync /
-    freekv_layer), ``context`` (prompt tokens) and ``decode_tok_s`` (median of its runs) and
-    ``runs`` (each with ``decode_tok_s``, drawn as dots).
+    freekv_layer / freekv_nospan), ``context`` (prompt tokens), ``decode_tok_s`` (median of its
+    runs), ``runs`` (each with ``decode_tok_s``, drawn as dots) and optionally ``dtype`` (one
+    line style per dtype when a run measured several).
     """
     fig, ax = _figure("Decode throughput vs context" + (f"\n{subtitle}" if subtitle else ""))
-    by_server: dict[str, list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
-        by_server.setdefault(str(row["server"]), []).append(row)
-    for server, points in by_server.items():
+        groups.setdefault((str(row["server"]), str(row.get("dtype", ""))), []).append(row)
+    dtypes = sorted({d for _, d in groups})
+    styles = dict(zip(dtypes, ("-", "--", ":", "-.")))
+    for (server, dtype), points in groups.items():
         points = sorted(points, key=lambda r: r["context"])
         color = COLORS.get(server)
         xs = [p["context"] for p in points]
+        label = LABELS.get(server, server) + (f", {dtype}" if len(dtypes) > 1 else "")
         ax.plot(xs, [p["decode_tok_s"] for p in points], marker="o", color=color,
-                label=LABELS.get(server, server))
+                ls=styles.get(dtype, "-"), label=label)
         for p in points:
             runs = [r["decode_tok_s"] for r in p.get("runs", [])]
             ax.scatter([p["context"]] * len(runs), runs, s=10, color=color, alpha=0.4)
     ax.set_xlabel("context (prompt tokens)")
     ax.set_ylabel("decode tokens / s (median; dots: runs)")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=8)
     return fig
 
 
@@ -265,7 +270,8 @@ def replot(path: Path | str) -> Path:
     result = json.loads(path.read_text())
     kind = result.get("benchmark")
     if kind == "bench_decode":
-        sub = f"SmolLM2-135M {result.get('dtype')}, {result.get('cpus')} CPUs, " \
+        dtype = result.get("dtype") or ", ".join(result.get("dtypes", []))
+        sub = f"SmolLM2-135M {dtype}, {result.get('cpus')} CPUs, " \
               f"{result.get('new_tokens')} new tokens x {result.get('repeats')} runs"
         fig = plot_decode(result["rows"], subtitle=sub)
     elif kind == "passkey_sim":
