@@ -217,8 +217,15 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> FreeKVC
         # SGLang's automatic fraction reserves activations for an unchunked prefill of the
         # whole context and goes negative on small machines; FreeKV's pool is budget-sized.
         args.mem_fraction_static = DEFAULT_MEM_FRACTION
-    graphs = "off (--disable-cuda-graph)" if getattr(args, "disable_cuda_graph", False) \
-        else "decode graphs on, FreeKV's step captured with them"
+    from sglang_freekv.platform import cpu_platform_wanted, simulated_device_bytes
+
+    if cpu_platform_wanted():
+        # The CPU engine runs eagerly (no graphs); say what runs instead of claiming graphs.
+        graphs = "none on CPU (the CPU engine runs eagerly, FreeKV's host-driven step)"
+    elif getattr(args, "disable_cuda_graph", False):
+        graphs = "off (--disable-cuda-graph)"
+    else:
+        graphs = "decode graphs on, FreeKV's step captured with them"
     overlap = "off (--disable-overlap-schedule)" if getattr(
         args, "disable_overlap_schedule", False) else "on"
     chunked = getattr(args, "chunked_prefill_size", None)
@@ -232,8 +239,6 @@ def apply_freekv_args(args: argparse.Namespace, config: FreeKVConfig) -> FreeKVC
     print(f"freekv: CUDA graphs {graphs}; prefill graphs off (prefill is written through to "
           f"the host tier layer by layer); chunked prefill {chunks}; overlap scheduler "
           f"{overlap}", file=sys.stderr, flush=True)
-    from sglang_freekv.platform import cpu_platform_wanted, simulated_device_bytes
-
     if getattr(args, "max_running_requests", None) is None and cpu_platform_wanted() \
             and simulated_device_bytes() is None:
         # RAM-backed "device": no device memory to size requests from.

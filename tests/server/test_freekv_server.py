@@ -189,6 +189,7 @@ def test_a_budget_covers_context_matches_default(servers: Servers, dense: dict) 
     must equal dense, token for token."""
     server = servers.get("freekv")
     assert "overlap scheduler on" in server.log()
+    assert "CUDA graphs none on CPU" in server.log()  # no graph claim on a CPU engine
     got = [
         generate_ids(server, ids, EQUAL_NEW_TOKENS)["output_ids"]
         for ids in _equal_prompts(servers.model)
