@@ -11,7 +11,7 @@ model's tokenizer), the embedded model (SmolLM2-135M-Instruct). Configurations:
 ``freekv_short``    freekv at ``--short-context`` tokens
 ``freekv_layer``    opt-in (``--configs``): freekv with ``"speculative_job": "layer"`` (one
                     speculative job per layer instead of the CPU default, one per step)
-``freekv_nospan``   opt-in: freekv with ``"span_weight": 0`` (span continuation off), the
+``freekv_nospan``   freekv with ``"span_weight": 0`` (span continuation off), the
                     A/B of its decode cost
 ==================  =========================================================================
 
@@ -81,7 +81,8 @@ CONFIGS = {
     "freekv_layer": ("freekv_layer", "long"),
     "freekv_nospan": ("freekv_nospan", "long"),
 }
-DEFAULT_CONFIGS = ("default", "freekv", "freekv_sync", "default_short", "freekv_short")
+DEFAULT_CONFIGS = ("default", "freekv", "freekv_sync", "freekv_nospan", "default_short",
+                   "freekv_short")
 SERVER_ORDER = ("default", "freekv", "freekv_sync", "freekv_layer", "freekv_nospan")
 
 
