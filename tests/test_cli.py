@@ -6,13 +6,15 @@ import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.helpers import embedded_model_path
 
 
-def _launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def _run_launcher(args: tuple[str, ...], timeout: float = 180
+                  ) -> subprocess.CompletedProcess[str]:
     """Run the launcher; an invalid setting must stop it long before the model loads (a
     launch that runs into ``timeout`` raises ``TimeoutExpired``: the test fails)."""
     return subprocess.run(
@@ -21,8 +23,37 @@ def _launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str
     )
 
 
-def test_help_lists_the_flags() -> None:
-    out = _launch("--help")
+def _freekv(*args: str) -> tuple[str, ...]:
+    return ("--model-path", embedded_model_path(), "--kv-policy", "freekv", *args)
+
+
+def _launches() -> list[tuple[str, ...]]:
+    """Every launcher invocation of this module (each spends ~30 s importing sglang)."""
+    return [
+        ("--help",),
+        *[_freekv("--freekv-config", cfg) for cfg, _, _ in BAD],
+        ("--model-path", embedded_model_path(), "--freekv-config", '{"budget": 1024}'),
+        _freekv("--disable-radix-cache", "--freekv-config", '{"host_memory_gb": 0.01}'),
+        _freekv("--kv-cache-dtype", "fp8_e4m3"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def launched() -> dict[tuple[str, ...], subprocess.CompletedProcess[str]]:
+    """All of this module's launches, run four at a time (one import is one busy core, so
+    the two cores of our machines run two at once; the others wait on I/O)."""
+    cases = _launches()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(cases, pool.map(_run_launcher, cases)))
+
+
+def _launch(launched: dict[tuple[str, ...], subprocess.CompletedProcess[str]],
+            *args: str) -> subprocess.CompletedProcess[str]:
+    return launched[args]
+
+
+def test_help_lists_the_flags(launched) -> None:  # type: ignore[no-untyped-def]
+    out = _launch(launched, "--help")
     assert out.returncode == 0
     assert "--kv-policy {default,freekv}" in out.stdout
     assert "--freekv-config JSON" in out.stdout
@@ -40,9 +71,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("cfg,field,rule", BAD, ids=[b[0] for b in BAD])
-def test_invalid_config_exits_with_one_line(cfg: str, field: str, rule: str) -> None:
-    model = embedded_model_path()
-    out = _launch("--model-path", model, "--kv-policy", "freekv", "--freekv-config", cfg)
+def test_invalid_config_exits_with_one_line(launched, cfg: str, field: str,  # type: ignore[no-untyped-def]
+                                            rule: str) -> None:
+    out = _launch(launched, *_freekv("--freekv-config", cfg))
     assert out.returncode == 2
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, out.stderr[-2000:]
@@ -50,8 +81,9 @@ def test_invalid_config_exits_with_one_line(cfg: str, field: str, rule: str) -> 
     assert "Traceback" not in out.stderr
 
 
-def test_config_without_freekv_policy_is_refused() -> None:
-    out = _launch("--model-path", embedded_model_path(), "--freekv-config", '{"budget": 1024}')
+def test_config_without_freekv_policy_is_refused(launched) -> None:  # type: ignore[no-untyped-def]
+    out = _launch(launched, "--model-path", embedded_model_path(), "--freekv-config",
+                  '{"budget": 1024}')
     assert out.returncode == 2 and "only applies with --kv-policy freekv" in out.stderr
 
 
@@ -59,7 +91,7 @@ def test_mla_model_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "config.json").write_text(
         '{"architectures": ["DeepseekV3ForCausalLM"], "kv_lora_rank": 512, "num_hidden_layers": 4}'
     )
-    out = _launch("--model-path", str(tmp_path), "--kv-policy", "freekv")
+    out = _run_launcher(("--model-path", str(tmp_path), "--kv-policy", "freekv"))
     assert out.returncode == 2
     assert "uses mla attention" in out.stderr and "Traceback" not in out.stderr
 
@@ -88,9 +120,9 @@ def test_policy_rides_on_the_pickled_record_and_env() -> None:
     assert rest.count('"speculative": false') == 2 and rest.count('"budget": 1024') == 2
 
 
-def test_host_tier_smaller_than_one_budget_is_refused() -> None:
-    out = _launch("--model-path", embedded_model_path(), "--kv-policy", "freekv",
-                           "--disable-radix-cache", "--freekv-config", '{"host_memory_gb": 0.01}')
+def test_host_tier_smaller_than_one_budget_is_refused(launched) -> None:  # type: ignore[no-untyped-def]
+    out = _launch(launched, *_freekv("--disable-radix-cache", "--freekv-config",
+                                     '{"host_memory_gb": 0.01}'))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "host_memory_gb=0.01" in errors[0]
@@ -146,9 +178,8 @@ def test_step_job_is_refused_off_the_cpu_platform(monkeypatch: pytest.MonkeyPatc
     assert args.attention_backend == "freekv"
 
 
-def test_quantized_kv_cache_is_refused_in_one_line() -> None:
-    out = _launch("--model-path", embedded_model_path(), "--kv-policy", "freekv",
-                  "--kv-cache-dtype", "fp8_e4m3")
+def test_quantized_kv_cache_is_refused_in_one_line(launched) -> None:  # type: ignore[no-untyped-def]
+    out = _launch(launched, *_freekv("--kv-cache-dtype", "fp8_e4m3"))
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "--kv-cache-dtype=fp8_e4m3" in errors[0], out.stderr[-2000:]
