@@ -126,6 +126,11 @@ class FreeKVCache:
                        "corrected_heads": 0}
         self.corrections_per_layer = [0] * num_layers
         self.checks_per_layer = [0] * num_layers
+        # Step job (CPU): per layer, an average of the share of its checked requests that had
+        # a drifted head, and whether the layer is in the job (config spec_drift_limit).
+        self._drift = [0.0] * num_layers
+        self._in_job = [True] * num_layers
+        self._probe_ct = [0] * num_layers
 
     @property
     def req_slot_loc(self) -> torch.Tensor:
@@ -304,7 +309,14 @@ class FreeKVCache:
             return
         h, bs = self.num_kv_heads, plan.bs
         n_corr = n_checked = 0
-        if self.cfg.speculative:
+        if self.cfg.speculative and not self._in_job[layer]:
+            # Step job, a layer out of the job (drifts too often): select with q_t now, and
+            # probe its drift every fourth step to let it rejoin.
+            rows_flag = [[sp] * h for sp in plan.sparse_list]
+            self._probe_ct[layer] += 1
+            if self._probe_ct[layer] % 4 == 0:
+                self._probe_drift(layer, plan, q)
+        elif self.cfg.speculative:
             # Heads whose speculative job served this very step are checked for drift; the
             # others (new to the sparse regime, or no job yet) select with q_t now.
             served = self.spec_valid_for[layer]
@@ -317,11 +329,15 @@ class FreeKVCache:
                 corr, _ = correction_flags(q, self.last_q[layer, plan.req_rows], h,
                                            float(self.cfg.tau))
                 # SYNC: the flags decide whether to select/recall before attention.
+                drifted = 0
                 for b, heads in enumerate(corr.tolist()):
                     if valid[b]:
                         n_checked += h
                         n_corr += sum(heads)
+                        drifted += any(heads)
                         rows_flag[b] = heads
+                if self._step_job:
+                    self._note_drift(layer, drifted / sum(valid))
         else:
             rows_flag = [[sp] * h for sp in plan.sparse_list]
         n_flag = sum(map(sum, rows_flag))
@@ -450,6 +466,41 @@ class FreeKVCache:
         self._wait_job(layer)  # SYNC: normally a no-op; one job per layer in flight
         self._jobs[layer] = self.recall.submit(job)
 
+    # ------------------------------------------------------------------ step job membership
+    def _probe_drift(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor) -> None:
+        """Drift of a layer out of the step job: the correction check on the requests whose
+        ``last_q`` is the previous step's (flags only; the layer selects every head)."""
+        served = self.spec_valid_for[layer]
+        valid = [sp and served[r] == n for sp, r, n in
+                 zip(plan.sparse_list, plan.rows_list, plan.seq_lens_list)]
+        if self.cfg.tau is None or not any(valid):
+            return
+        from sglang_freekv.kernels.correct import correction_flags
+
+        corr, _ = correction_flags(q, self.last_q[layer, plan.req_rows], self.num_kv_heads,
+                                   float(self.cfg.tau))
+        # SYNC (CPU only: the step job runs on CPU engines): the flags, for the average.
+        drifted = sum(any(heads) for ok, heads in zip(valid, corr.tolist()) if ok)
+        self._note_drift(layer, drifted / sum(valid))
+
+    def _note_drift(self, layer: int, share: float) -> None:
+        """Fold one check's share of drifted requests into the layer's average and move the
+        layer out of (above ``spec_drift_limit``) or back into (below it - 0.1) the job."""
+        d = self._drift[layer] = self._drift[layer] + (share - self._drift[layer]) / 8
+        limit = self.cfg.spec_drift_limit
+        if self._in_job[layer] and d > limit:
+            self._in_job[layer] = False
+        elif not self._in_job[layer] and d < limit - 0.1:
+            self._in_job[layer] = True
+
+    @property
+    def speculative_layers(self) -> list[int]:
+        """Sparse layers the speculative job serves (all of them unless the step job moved
+        some out, see ``spec_drift_limit``)."""
+        if not self.cfg.speculative:
+            return []
+        return [i for i in self.sparse_layers if self._in_job[i]]
+
     # ------------------------------------------------------------------ jobs
     def _queue_step_job(self, layer: int, plan: FreeKVDecodePlan, attn_done: Any) -> None:
         """Step job mode: keep the layer's fence; after the last sparse layer, submit one
@@ -471,9 +522,11 @@ class FreeKVCache:
         if not all(plan.next_sparse_list):  # [bj] batch positions sparse at seq_len + 1
             jr = torch.nonzero(plan.next_sparse_cpu).flatten().to(self.device)
             cols = tuple(t[jr] for t in cols)
-        layers = list(self.sparse_layers)
-        for lid in layers:
+        for lid in self.sparse_layers:
             self._wait_job(lid)  # SYNC: normally a no-op; one job in flight
+        layers = self.speculative_layers  # read on this thread, after every check of the step
+        if not layers:
+            return
         inp = StepJobInputs(*cols, fences=fences)
         fut = self.recall.submit(lambda: run_step_job(self, layers, inp))
         for lid in layers:
@@ -561,5 +614,6 @@ class FreeKVCache:
             out: dict[str, Any] = dict(self._stats)
             out["corrections_per_layer"] = list(self.corrections_per_layer)
             out["checks_per_layer"] = list(self.checks_per_layer)
+        out["speculative_layers"] = len(self.speculative_layers)
         out["host_pages_used"] = self.host.used_pages
         return out

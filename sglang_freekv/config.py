@@ -72,6 +72,12 @@ class FreeKVConfig:
     # submitted after the last one (a CPU engine pays per tensor op, not per byte); "auto" =
     # "step" on CPU devices, "layer" elsewhere.
     speculative_job: str = "auto"
+    # CPU engines (the per-step job): a sparse layer whose recent checks found a drifted head
+    # in more than this fraction of its requests leaves the speculative job and selects with
+    # q_t before attention, as the synchronous mode does (on two cores the job's selection for
+    # such a layer is redone by correction anyway); it rejoins when its drift, still probed,
+    # falls below the limit - 0.1. 1.0 = every layer speculative. GPUs ignore it.
+    spec_drift_limit: float = 0.5
     # Temperature of the per-head page softmax: scores are multiplied by it before the softmax.
     # None = the attention scale 1/sqrt(head_dim); 1.0 = the public reference's raw avgSM.
     score_scale: float | None = None
@@ -110,6 +116,11 @@ class FreeKVConfig:
         if self.speculative_job not in SPECULATIVE_JOBS:
             _fail("speculative_job", self.speculative_job,
                   "must be one of " + ", ".join(map(json.dumps, SPECULATIVE_JOBS)))
+        value = self.spec_drift_limit
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail("spec_drift_limit", value, "must be a number in [0, 1]")
+        if not 0.0 <= float(value) <= 1.0:
+            _fail("spec_drift_limit", value, "must be in [0, 1]")
         if self.score_scale is not None:
             value = self.score_scale
             if isinstance(value, bool) or not isinstance(value, (int, float)):

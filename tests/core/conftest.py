@@ -23,11 +23,13 @@ def _cpu_refs(monkeypatch: pytest.MonkeyPatch) -> None:
 def make_cfg(page_size: int, *, k: int = 3, sink: int = 1, window: int = 2,
              tau: float | None = 0.8, speculative: bool = True,
              dense_layers: tuple[int, ...] = (0,),
-             speculative_job: str = "auto") -> FreeKVConfig:
+             speculative_job: str = "auto", spec_drift_limit: float = 1.0) -> FreeKVConfig:
+    """A small config; ``spec_drift_limit`` 1.0 (every layer stays in the step job: plain
+    FreeKV speculation) unless a test of the job's membership asks otherwise."""
     return FreeKVConfig(page_size=page_size, budget=page_size * (sink + k + window),
                         sink=page_size * sink, window=page_size * window, tau=tau,
                         speculative=speculative, dense_layers=dense_layers,
-                        speculative_job=speculative_job)
+                        speculative_job=speculative_job, spec_drift_limit=spec_drift_limit)
 
 
 def check_slots(dec: ReferenceDecoder, layer: int, rows: list[int]) -> int:
@@ -72,6 +74,8 @@ class RuleChecker:
         self.sparse_checks = 0
         self.corrected = 0
         self.slot_checks = 0
+        # layers the speculative job served this step (set before each step); None = all
+        self.job_layers: set[int] | None = None
 
     def forget(self, row: int) -> None:
         for key in [k for k in self.prev_q if k[1] == row]:
@@ -93,7 +97,8 @@ class RuleChecker:
             if m > g.top_k:
                 exp_t = dec.expected_topk(layer, row, qi, n)
                 prev = self.prev_q.get((layer, row))
-                if not cfg.speculative or prev is None:
+                out_of_job = self.job_layers is not None and layer not in self.job_layers
+                if not cfg.speculative or prev is None or out_of_job:
                     exp = exp_t
                 else:
                     exp_prev = dec.expected_topk(layer, row, prev, n)

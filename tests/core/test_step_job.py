@@ -101,3 +101,73 @@ def test_speculative_job_config() -> None:
         FreeKVCache(cfg, num_layers=2, num_qo_heads=4, num_kv_heads=2, head_dim=16,
                     dtype=torch.float32, device="cuda", max_reqs=1, max_pages_per_req=4,
                     num_host_pages=4, k_buffers=[], v_buffers=[])
+
+
+def _drifting(limit: float, seed: int = 3) -> tuple[ReferenceDecoder, RuleChecker, list[int]]:
+    p = 16
+    cfg = make_cfg(p, k=3, tau=0.8, speculative_job="step", spec_drift_limit=limit)
+    dec = ReferenceDecoder(cfg, num_layers=4, num_qo_heads=6, num_kv_heads=2,
+                           max_len=24 * p, recall_group_blocks=4, seed=seed, q_noise=(1.0,))
+    return dec, RuleChecker(dec), [dec.add_request(p * 11), dec.add_request(p * 9 + 1)]
+
+
+def _run(dec: ReferenceDecoder, checker: RuleChecker, rows: list[int], steps: int
+         ) -> list[list[int]]:
+    """``steps`` decode steps under the selection rule; the job's layers before each."""
+    seen = []
+    for _ in range(steps):
+        checker.job_layers = set(dec.cache.speculative_layers)
+        seen.append(sorted(checker.job_layers))
+        dec.step(rows, on_layer=checker)
+        dec.cache.recall.wait_all()
+    return seen
+
+
+def test_drifting_layers_leave_the_step_job_and_select_with_q_t(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer whose queries drift (every check corrects a head) leaves the step job after a
+    few steps; from then on it selects every head with q_t (RuleChecker: the synchronous
+    rule for it), and the job serves only the other layers."""
+    dec, checker, rows = _drifting(limit=0.3)
+    submitted: list[list[int]] = []
+    import sglang_freekv.cache as cache_mod
+
+    orig = cache_mod.run_step_job
+
+    def spy(cache, layers, inp):  # type: ignore[no-untyped-def]
+        submitted.append(list(layers))
+        return orig(cache, layers, inp)
+
+    monkeypatch.setattr(cache_mod, "run_step_job", spy)
+    seen = _run(dec, checker, rows, 12)
+    sparse = dec.cache.sparse_layers
+    assert seen[0] == sparse and seen[-1] == [], seen  # all in at first, all out at the end
+    assert submitted and all(s == j for s, j in zip(submitted, seen[1:])), (submitted, seen)
+    assert checker.sparse_checks > 20
+    assert dec.cache.stats()["speculative_layers"] == 0
+    for r in rows:
+        dec.remove_request(r)
+    assert dec.cache.host.used_pages == 0
+    dec.cache.close()
+
+
+def test_a_layer_rejoins_the_job_when_its_queries_settle() -> None:
+    """Out of the job, a layer's drift is still probed (every fourth step); once its queries
+    stop drifting it rejoins and is served speculatively again."""
+    dec, checker, rows = _drifting(limit=0.3)
+    _run(dec, checker, rows, 10)
+    assert dec.cache.speculative_layers == []
+    dec.q_noise = (0.0,)  # the same query every step: no head drifts
+    seen = _run(dec, checker, rows, 60)
+    assert seen[-1] == dec.cache.sparse_layers, seen[-1]
+    for r in rows:
+        dec.remove_request(r)
+    dec.cache.close()
+
+
+def test_every_layer_stays_in_the_job_at_limit_one() -> None:
+    dec, checker, rows = _drifting(limit=1.0)
+    seen = _run(dec, checker, rows, 10)
+    assert all(s == dec.cache.sparse_layers for s in seen)
+    assert 0 < dec.cache.stats()["corrected_heads"]
+    dec.cache.close()
