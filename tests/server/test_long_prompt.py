@@ -26,6 +26,7 @@ from tests.helpers import (
     embedded_model_path,
     generate_ids,
     metric_values,
+    post_generate,
     run_server,
     wait_gauges_zero,
     wait_until,
@@ -62,17 +63,36 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = embedded_model_path()
     key = build_passkey_prompt(model, 7000, 0.35, seed=77)
     with run_server(_args(None), Path(tmp_path_factory.mktemp("dense"))) as srv:
-        equal = [generate_ids(srv, p, N_NEW)["output_ids"] for p in _prompts()]
+        equal = [_greedy_with_logprobs(srv, p) for p in _prompts()]
         text = generate_ids(srv, key.input_ids, 10)["text"]
     return {"equal": equal, "key": key, "key_text": text}
 
 
+def _greedy_with_logprobs(srv: Server, ids: list[int]) -> tuple[list[int], dict[int, float]]:
+    """Greedy output ids and the top-5 log-probabilities after the prompt's last token (the
+    first output position: the last prompt token's logits through log-softmax)."""
+    resp = post_generate(srv.url, {
+        "input_ids": ids, "return_logprob": True, "top_logprobs_num": 5,
+        "sampling_params": {"max_new_tokens": N_NEW, "temperature": 0.0}}, timeout=900)
+    resp.raise_for_status()
+    out = resp.json()
+    top = out["meta_info"]["output_top_logprobs"][0]  # [(logprob, token id, text)] x 5
+    return out["output_ids"], {int(t[1]): float(t[0]) for t in top}
+
+
 @pytest.mark.parametrize("chunk", [256, 1024])
 def test_chunked_prefill_equals_dense(tmp_path: Path, dense: dict, chunk: int) -> None:
+    """Budget >= context, float32: chunked prefill (each chunk reading its prefix back from
+    the host tier) gives dense's greedy tokens and, after the prompt, its top-5
+    log-probabilities within 1e-4."""
     with run_server(_args(EXACT, "--chunked-prefill-size", str(chunk)), tmp_path) as srv:
         assert f"chunked prefill {chunk} tokens" in srv.log()
-        got = [generate_ids(srv, p, N_NEW)["output_ids"] for p in _prompts()]
-    assert got == dense["equal"]
+        got = [_greedy_with_logprobs(srv, p) for p in _prompts()]
+    for (ids, top), (want_ids, want_top) in zip(got, dense["equal"]):
+        assert ids == want_ids
+        assert top.keys() == want_top.keys(), (top, want_top)
+        worst = max(abs(top[t] - want_top[t]) for t in top)
+        assert worst < 1e-4, (worst, top, want_top)
 
 
 @pytest.fixture(scope="module")
