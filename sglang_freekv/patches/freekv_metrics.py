@@ -26,6 +26,9 @@ GAUGES = {
                           "Host-tier pages held only by the radix cache (prefix sharing)"),
     "device_pages_used": ("sglang:freekv_device_pages_used",
                           "Device pages (budget slots + prefill staging) held by requests"),
+    "speculative_layers": ("sglang:freekv_speculative_layers",
+                           "Sparse layers the speculative job serves (CPU engines: layers "
+                           "that keep drifting leave it, see spec_drift_limit)"),
 }
 
 
@@ -68,3 +71,4 @@ class FreeKVMetrics:
         self.gauges["host_pages_used"].set(usage.host_pages_in_flight)
         self.gauges["host_pages_cached"].set(usage.host_pages_cached)
         self.gauges["device_pages_used"].set(usage.device_pages)
+        self.gauges["speculative_layers"].set(int(stats.get("speculative_layers", 0)))
