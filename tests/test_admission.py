@@ -10,6 +10,8 @@ test checks they exist on the real classes, then drives the hook with stand-ins.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -59,10 +61,12 @@ def _pool(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_fields_exist_in_the_pinned_sglang() -> None:
     src = inspect.getsource(Req.__init__)
-    for name in ("self.prefix_len", "self.full_untruncated_fill_ids", "self.extend_end"):
+    for name in ("self.prefix_len", "self.full_untruncated_fill_ids", "self.extend_end",
+                 "self.last_node"):
         assert name in src, name
     src = inspect.getsource(PrefillAdder)
     assert "self.can_run_list" in src and "self.rem_chunk_tokens" in src
+    assert "def _lock_node(self, last_node" in src
 
 
 def test_the_first_request_always_goes_in() -> None:
@@ -143,3 +147,83 @@ def test_decode_check_leaves_sglang_verdicts_and_other_policies_alone(
     monkeypatch.setitem(freekv_pool.ACTIVE, "backend",
                         SimpleNamespace(serving=FakeServing(free=9, evictable=0)))
     assert not freekv_pool._check_decode_mem(lambda self, *a, **k: False, _batch(64))
+
+
+# ---------------------------------------------------------------- host-tier pages
+P = 32
+
+
+class LockedHost:
+    def __init__(self, free: int) -> None:
+        self.free_pages = free
+
+
+class LockedServing:
+    """``ensure_host_pages`` frees up to ``evictable`` pages (the radix cache's), recording
+    whether the admitted request's prefix was locked meanwhile."""
+
+    def __init__(self, free: int, evictable: int, adder: "LockingAdder") -> None:
+        self.cfg = SimpleNamespace(page_size=P)
+        self.cache = SimpleNamespace(host=LockedHost(free))
+        self.evictable, self.adder = evictable, adder
+        self.evicted_while_locked: list[bool] = []
+
+    def ensure_host_pages(self, n: int) -> None:
+        got = min(self.evictable, max(0, n - self.cache.host.free_pages))
+        self.evictable -= got
+        self.cache.host.free_pages += got
+        self.evicted_while_locked.append(self.adder.locked)
+
+
+class LockingAdder(FakeAdder):
+    def __init__(self, batch: list[FakeReq]) -> None:
+        super().__init__(None, batch)
+        self.locked = False
+
+    @contextmanager
+    def _lock_node(self, node: object) -> Iterator[None]:
+        self.locked = True
+        try:
+            yield
+        finally:
+            self.locked = False
+
+
+def _with_host(monkeypatch: pytest.MonkeyPatch, adder: LockingAdder, free: int,
+               evictable: int) -> LockedServing:
+    serving = LockedServing(free, evictable, adder)
+    monkeypatch.setitem(freekv_pool.ACTIVE, "backend", SimpleNamespace(serving=serving))
+    return serving
+
+
+def test_prompt_pages_counts_from_the_first_page_not_inside_the_prefix() -> None:
+    assert freekv_pool.prompt_pages(0, 64, P) == 2
+    assert freekv_pool.prompt_pages(0, 65, P) == 3
+    assert freekv_pool.prompt_pages(40, 65, P) == 2  # page 1 holds prefix and new tokens
+    assert freekv_pool.prompt_pages(64, 64, P) == 0
+
+
+def test_a_request_waits_while_the_host_tier_cannot_hold_its_pages(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token pool room is not page room: with 10 free pages and nothing to evict, a
+    320-token prompt goes in, a second one (10 more pages) waits; nothing was half-admitted."""
+    adder = LockingAdder([])
+    _with_host(monkeypatch, adder, free=10, evictable=0)
+    first = FakeReq(prefix_len=0, total=320)
+    first.last_node = object()  # type: ignore[attr-defined]
+    assert _admit(adder, first) is None
+    second = FakeReq(prefix_len=0, total=320)
+    second.last_node = object()  # type: ignore[attr-defined]
+    assert _admit(adder, second) is AddReqResult.OTHER
+    assert adder.can_run_list == [first]
+
+
+def test_cached_prefixes_are_evicted_with_the_requests_own_prefix_locked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    adder = LockingAdder([])
+    serving = _with_host(monkeypatch, adder, free=4, evictable=20)
+    req = FakeReq(prefix_len=64, total=64 + 320)  # 2 shared pages, 10 to write
+    req.last_node = object()  # type: ignore[attr-defined]
+    assert _admit(adder, req) is None
+    assert serving.evicted_while_locked == [True]
+    assert serving.cache.host.free_pages >= 10

@@ -20,6 +20,8 @@ Changes (only when ``--kv-policy freekv`` is active in this process):
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import sys
 from pathlib import Path
@@ -229,7 +231,40 @@ def _add_one_req(orig: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> A
     staged = sum(int(r.extend_end) for r in self.can_run_list)
     if self.can_run_list and staged + need > pool.staging_rows:
         return AddReqResult.OTHER
+    if not _host_pages_fit(self, req):
+        return AddReqResult.OTHER
     return orig(self, req, *args, **kwargs)
+
+
+def prompt_pages(prefix_len: int, total: int, page_size: int) -> int:
+    """Host pages a request's prefill still writes: every page from its first page not
+    wholly inside the prefix (shared or its own earlier chunks) to its last token."""
+    return max(0, -(-total // page_size) - prefix_len // page_size)
+
+
+def _host_pages_fit(adder: Any, req: Any) -> bool:
+    """The host tier holds the whole remaining prompt of the batch's requests and ``req``.
+
+    SGLang's token pool is sized from the host tier but counts tokens, not pages: partial
+    pages (one per request and per cached prefix) can leave the tier short while the pool
+    still has room, and the prefill plan would then fail mid-batch. Cached prefixes are
+    evicted first, with ``req``'s own matched prefix locked so it stays valid.
+    """
+    backend = ACTIVE.get("backend")
+    if backend is None:
+        return True
+    serving = backend.serving
+    p = serving.cfg.page_size
+    need = sum(prompt_pages(int(r.prefix_len), len(r.full_untruncated_fill_ids), p)
+               for r in [*adder.can_run_list, req])
+    host = serving.cache.host
+    if need <= host.free_pages:
+        return True
+    node = getattr(req, "last_node", None)
+    lock = adder._lock_node(node) if node is not None else contextlib.nullcontext()
+    with lock:  # the matched prefix of req is not evictable while we make room
+        serving.ensure_host_pages(need)
+    return need <= host.free_pages
 
 
 def pages_opened_next_decode(kv_lens: list[int], page_size: int) -> int:
