@@ -165,6 +165,7 @@ class LockedServing:
     def __init__(self, free: int, evictable: int, adder: "LockingAdder") -> None:
         self.cfg = SimpleNamespace(page_size=P)
         self.cache = SimpleNamespace(host=LockedHost(free))
+        self.own_pages: dict[int, set[int]] = {}
         self.evictable, self.adder = evictable, adder
         self.evicted_while_locked: list[bool] = []
 
@@ -218,12 +219,29 @@ def test_a_request_waits_while_the_host_tier_cannot_hold_its_pages(
     assert adder.can_run_list == [first]
 
 
+def test_a_matched_prefix_is_not_assumed_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill plan may copy a matched prefix's pages (it shares only whole pages found
+    in the token map): a 1000-token prompt with 999 cached tokens still needs room for all
+    32 pages; a chunked request continuing on its row only for the pages past its own."""
+    adder = LockingAdder([])
+    serving = _with_host(monkeypatch, adder, free=31, evictable=0)
+    cached = FakeReq(prefix_len=999, total=1000)
+    cached.last_node = object()  # type: ignore[attr-defined]
+    assert _admit(adder, cached) is AddReqResult.OTHER
+    serving.cache.host.free_pages = 32
+    assert _admit(adder, cached) is None
+    chunked = FakeReq(prefix_len=512, total=1000)
+    chunked.req_pool_idx = 7  # type: ignore[attr-defined]
+    serving.own_pages[7] = set(range(16))
+    assert freekv_pool._pages_to_write(serving, chunked, P) == 32 - 16
+
+
 def test_cached_prefixes_are_evicted_with_the_requests_own_prefix_locked(
         monkeypatch: pytest.MonkeyPatch) -> None:
     adder = LockingAdder([])
     serving = _with_host(monkeypatch, adder, free=4, evictable=20)
-    req = FakeReq(prefix_len=64, total=64 + 320)  # 2 shared pages, 10 to write
+    req = FakeReq(prefix_len=64, total=64 + 320)  # 12 pages, its prefix's 2 included
     req.last_node = object()  # type: ignore[attr-defined]
     assert _admit(adder, req) is None
     assert serving.evicted_while_locked == [True]
-    assert serving.cache.host.free_pages >= 10
+    assert serving.cache.host.free_pages >= 12

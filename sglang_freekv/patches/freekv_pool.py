@@ -242,6 +242,18 @@ def prompt_pages(prefix_len: int, total: int, page_size: int) -> int:
     return max(0, -(-total // page_size) - prefix_len // page_size)
 
 
+def _pages_to_write(serving: Any, req: Any, page_size: int) -> int:
+    """Upper bound of the host pages ``req``'s prefill still allocates: a chunked request
+    continuing on its row writes from its first page past its own earlier chunks; any other
+    request may share none of its matched prefix's pages (the plan shares only whole pages
+    it finds in the host tier's token map), so all of its prompt counts."""
+    total = len(req.full_untruncated_fill_ids)
+    row = getattr(req, "req_pool_idx", None)
+    if row is not None and row in serving.own_pages:
+        return prompt_pages(int(req.prefix_len), total, page_size)
+    return prompt_pages(0, total, page_size)
+
+
 def _host_pages_fit(adder: Any, req: Any) -> bool:
     """The host tier holds the whole remaining prompt of the batch's requests and ``req``.
 
@@ -255,8 +267,7 @@ def _host_pages_fit(adder: Any, req: Any) -> bool:
         return True
     serving = backend.serving
     p = serving.cfg.page_size
-    need = sum(prompt_pages(int(r.prefix_len), len(r.full_untruncated_fill_ids), p)
-               for r in [*adder.can_run_list, req])
+    need = sum(_pages_to_write(serving, r, p) for r in [*adder.can_run_list, req])
     host = serving.cache.host
     if need <= host.free_pages:
         return True
