@@ -1,6 +1,6 @@
 """Long prompts: time to first token, prefill device memory, and a concurrent request's
-inter-token latency, FreeKV vs default (chunked prefill on, SGLang's default chunk size
-unless --chunk is given).
+inter-token latency, FreeKV vs default (chunked prefill on, chunks of ``--chunk`` tokens,
+1024 unless given, under both policies).
 
 For each prompt length: one server per policy (started once, reused across lengths), a
 streaming request decoding in the background while the long prompt is sent; reported:

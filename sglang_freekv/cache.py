@@ -319,18 +319,11 @@ class FreeKVCache:
         elif self.cfg.speculative:
             # Heads whose speculative job served this very step are checked for drift; the
             # others (new to the sparse regime, or no job yet) select with q_t now.
-            served = self.spec_valid_for[layer]
-            valid = [sp and served[r] == n for sp, r, n in
-                     zip(plan.sparse_list, plan.rows_list, plan.seq_lens_list)]
+            valid, flags = self._drift_check(layer, plan, q)
             rows_flag = [[sp and not ok] * h for sp, ok in zip(plan.sparse_list, valid)]
-            if self.cfg.tau is not None and any(valid):
-                from sglang_freekv.kernels.correct import correction_flags
-
-                corr, _ = correction_flags(q, self.last_q[layer, plan.req_rows], h,
-                                           float(self.cfg.tau))
-                # SYNC: the flags decide whether to select/recall before attention.
+            if flags is not None:
                 drifted = 0
-                for b, heads in enumerate(corr.tolist()):
+                for b, heads in enumerate(flags):
                     if valid[b]:
                         n_checked += h
                         n_corr += sum(heads)
@@ -467,21 +460,31 @@ class FreeKVCache:
         self._jobs[layer] = self.recall.submit(job)
 
     # ------------------------------------------------------------------ step job membership
-    def _probe_drift(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor) -> None:
-        """Drift of a layer out of the step job: the correction check on the requests whose
-        ``last_q`` is the previous step's (flags only; the layer selects every head)."""
+    def _drift_check(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor
+                     ) -> tuple[list[bool], list[list[bool]] | None]:
+        """``(valid, flags)``: per batch position, whether ``last_q`` of ``layer`` is the
+        previous step's (its job served this step), and the ``[bs][H]`` correction flags
+        (None when ``tau`` is off or no position is valid)."""
         served = self.spec_valid_for[layer]
         valid = [sp and served[r] == n for sp, r, n in
                  zip(plan.sparse_list, plan.rows_list, plan.seq_lens_list)]
         if self.cfg.tau is None or not any(valid):
-            return
+            return valid, None
         from sglang_freekv.kernels.correct import correction_flags
 
         corr, _ = correction_flags(q, self.last_q[layer, plan.req_rows], self.num_kv_heads,
                                    float(self.cfg.tau))
-        # SYNC (CPU only: the step job runs on CPU engines): the flags, for the average.
-        drifted = sum(any(heads) for ok, heads in zip(valid, corr.tolist()) if ok)
-        self._note_drift(layer, drifted / sum(valid))
+        # SYNC (host-driven step only; the device step has its own flags): the flags decide
+        # whether to select/recall before attention.
+        return valid, corr.tolist()
+
+    def _probe_drift(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor) -> None:
+        """Drift of a layer out of the step job (CPU): the correction check, for the
+        average only (the layer selects every head with q_t)."""
+        valid, flags = self._drift_check(layer, plan, q)
+        if flags is not None:
+            drifted = sum(any(heads) for ok, heads in zip(valid, flags) if ok)
+            self._note_drift(layer, drifted / sum(valid))
 
     def _note_drift(self, layer: int, share: float) -> None:
         """Fold one check's share of drifted requests into the layer's average and move the

@@ -153,26 +153,18 @@ def test_decode_check_leaves_sglang_verdicts_and_other_policies_alone(
 P = 32
 
 
-class LockedHost:
-    def __init__(self, free: int) -> None:
-        self.free_pages = free
-
-
-class LockedServing:
-    """``ensure_host_pages`` frees up to ``evictable`` pages (the radix cache's), recording
-    whether the admitted request's prefix was locked meanwhile."""
+class LockedServing(FakeServing):
+    """FakeServing that records whether the admitted request's prefix was locked while it
+    evicted, and has no request rows with pages of their own."""
 
     def __init__(self, free: int, evictable: int, adder: "LockingAdder") -> None:
-        self.cfg = SimpleNamespace(page_size=P)
-        self.cache = SimpleNamespace(host=LockedHost(free))
+        super().__init__(free, evictable)
         self.own_pages: dict[int, set[int]] = {}
-        self.evictable, self.adder = evictable, adder
+        self.adder = adder
         self.evicted_while_locked: list[bool] = []
 
     def ensure_host_pages(self, n: int) -> None:
-        got = min(self.evictable, max(0, n - self.cache.host.free_pages))
-        self.evictable -= got
-        self.cache.host.free_pages += got
+        super().ensure_host_pages(n)
         self.evicted_while_locked.append(self.adder.locked)
 
 

@@ -21,7 +21,6 @@ Changes (only when ``--kv-policy freekv`` is active in this process):
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import sys
 from pathlib import Path
