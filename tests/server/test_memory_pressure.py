@@ -33,6 +33,8 @@ N_REQ, PROMPT, NEW = 8, 1000, 600
 GAUGES = ("sglang:freekv_host_pages_used", "sglang:freekv_device_pages_used")
 
 
+# Three requests alone (~3 min), then eight at once, queued and retracted (~10-20 min on 2 cores).
+@pytest.mark.timeout(2700)
 def test_small_host_tier_queues_and_retracts_with_correct_outputs(tmp_path: Path) -> None:
     model = embedded_model_path()
     args = ["--model-path", model, "--dtype", "float32", "--kv-policy", "freekv",
