@@ -34,11 +34,12 @@ T = TypeVar("T")
 # One colour per configuration across every plot.
 COLORS = {"default": "#4C72B0", "freekv": "#DD8452", "freekv_sync": "#55A868",
           "freekv_layer": "#8172B3", "freekv_nospan": "#C44E52",
-          "freekv_alljob": "#937860"}
+          "freekv_alljob": "#937860", "freekv_drift": "#937860"}
 LABELS = {"default": "default (dense)", "freekv": "FreeKV (speculative)",
           "freekv_sync": "FreeKV synchronous", "freekv_layer": "FreeKV, job per layer",
           "freekv_nospan": "FreeKV, span_weight 0",
-          "freekv_alljob": "FreeKV, every layer in the step job"}
+          "freekv_alljob": "FreeKV, every layer in the step job",
+          "freekv_drift": "FreeKV, drifting layers out of the step job"}
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:

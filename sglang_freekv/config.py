@@ -77,7 +77,9 @@ class FreeKVConfig:
     # q_t before attention, as the synchronous mode does (on two cores the job's selection for
     # such a layer is redone by correction anyway); it rejoins when its drift, still probed,
     # falls below the limit - 0.1. 1.0 = every layer speculative. GPUs ignore it.
-    spec_drift_limit: float = 0.5
+    # Default 1.0 (off): a layer out of the job follows the synchronous rule, which drops
+    # digits of copied needles the speculative rule keeps (docs/design.md "CPU engines").
+    spec_drift_limit: float = 1.0
     # Temperature of the per-head page softmax: scores are multiplied by it before the softmax.
     # None = the attention scale 1/sqrt(head_dim); 1.0 = the public reference's raw avgSM.
     score_scale: float | None = None
