@@ -329,6 +329,10 @@ def score_pages(
     return out
 
 
+# Pages per GEMM of cpu_score_pages (a multiple of 16 lanes): the same shape for every batch.
+_CHUNK = 16
+
+
 def cpu_score_pages(
     q: torch.Tensor,
     digests: torch.Tensor,
@@ -361,25 +365,37 @@ def cpu_score_pages(
     a, b = min(lo), max(hi)
     if b <= a:
         return out
-    w = b - a
-    pt = page_table[:, a:b]  # [bs, w] host page ids of the window
+    # Batch invariance: the window [a, b) depends on the batch, and a GEMM's rows change in
+    # their last bits with its width (MKL picks its blocking by shape), which can flip a
+    # near-tie of the top-k. So the window is cut into chunks of _CHUNK pages aligned to page
+    # 0, each one small GEMM of the same shape: a page's score is the same alone or in any
+    # batch (docs/design.md "Batch invariance").
+    a = a - a % _CHUNK
+    n = -(-(b - a) // _CHUNK)  # chunks
+    w = n * _CHUNK
+    pt = page_table[:, a:a + w]  # [bs, <= w] host page ids of the window
+    if pt.shape[1] < w:  # past the table's end: no page
+        pt = torch.cat([pt, pt.new_full((bs, w - pt.shape[1]), -1)], dim=1)
     valid = pt >= 0  # [bs, w]
-    if any(x != a for x in lo) or any(x != b for x in hi):  # ragged: mask per request
-        j = torch.arange(a, b, device=q.device)
-        lo_t = torch.tensor(lo, device=q.device)[:, None]
-        hi_t = torch.tensor(hi, device=q.device)[:, None]
-        valid &= (j >= lo_t) & (j < hi_t)
+    j = torch.arange(a, a + w, device=q.device)
+    lo_t = torch.tensor(lo, device=q.device)[:, None]
+    hi_t = torch.tensor(hi, device=q.device)[:, None]
+    valid &= (j >= lo_t) & (j < hi_t)
     dg = digests.index_select(0, pt.reshape(-1).clamp(min=0))  # [bs*w, H, 2, D] (min, max)
-    dg = dg.float().view(bs, w, h, 2 * head_dim).permute(0, 2, 3, 1)  # [bs, H, 2D, w]
+    dg = dg.float().view(bs, n, _CHUNK, h, 2 * head_dim).permute(0, 3, 1, 2, 4).contiguous()
     qf = q.float().view(bs, h, g, head_dim) * scale  # [bs, H, G, D]
     q2 = torch.cat([qf.clamp(max=0.0), qf.clamp(min=0.0)], dim=-1)  # [bs, H, G, 2D]
-    s = torch.matmul(q2, dg)  # [bs, H, G, w] scaled Quest bounds
+    # [bs, H, 1, G, 2D] @ [bs, H, n, 2D, C] -> [bs, H, n, G, C]: scaled Quest bounds
+    s = torch.matmul(q2[:, :, None], dg.transpose(-1, -2))
+    s = s.permute(0, 1, 3, 2, 4).reshape(bs, h, g, w)  # [bs, H, G, w]
     keep = valid[:, None, None, :]
     s.masked_fill_(~keep, float("-inf"))
     probs = torch.softmax(s, dim=-1).mean(dim=2)  # [bs, H, w]; NaN where no candidate
-    out[:, :, a:b] = probs.masked_fill_(~keep[:, :, 0], float("-inf"))
+    probs.masked_fill_(~keep[:, :, 0], float("-inf"))
     # span continuation over the window (page a - 1 is nobody's candidate)
-    _span_boost(out[:, :, a:b], span_weight)
+    _span_boost(probs, span_weight)
+    end = min(a + w, max_pages)
+    out[:, :, a:end] = probs[:, :, :end - a]
     return out
 
 

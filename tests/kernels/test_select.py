@@ -152,6 +152,32 @@ def test_cpu_path_single_request_window() -> None:
                                    atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_cpu_path_is_batch_invariant(dtype: str) -> None:
+    """A request's scores alone (its own table width and window) equal, bit for bit, its row
+    in a ragged batch of 8 with longer and shorter requests: a GEMM whose width follows the
+    batch would change them in the last bits and flip near-ties of the top-k (a request's
+    answer would then depend on what else runs; docs/design.md "Batch invariance")."""
+    gen = torch.Generator().manual_seed(3)
+    h, g, d, nhp = 3, 3, 64, 900
+    keys = torch.randn(nhp * 4, h, d, generator=gen).to(DTYPES[dtype])
+    digests = ref_page_digest(keys, torch.arange(nhp) * 4, 4)  # [nhp, H, 2, D]
+    lens = [130, 40, 70, 125, 33, 90, 128, 60]
+    table = torch.full((8, max(lens)), -1, dtype=torch.int32)
+    perm = torch.randperm(nhp, generator=gen).to(torch.int32)
+    for b, n in enumerate(lens):
+        table[b, :n] = perm[sum(lens[:b]):sum(lens[:b]) + n]
+    cs = torch.full((8,), 2, dtype=torch.int32)
+    ce = torch.tensor([n - 4 for n in lens], dtype=torch.int32)
+    q = (2.0 * torch.randn(8, h * g, d, generator=gen)).to(DTYPES[dtype])
+    batch = cpu_score_pages(q, digests, table, cs, ce, h, 0.125, 0.5)
+    for b, n in enumerate(lens):
+        alone = cpu_score_pages(q[b:b + 1], digests, table[b:b + 1, :n], cs[b:b + 1],
+                                ce[b:b + 1], h, 0.125, 0.5)
+        assert torch.equal(batch[b, :, :n], alone[0]), b
+        assert torch.isinf(batch[b, :, n:]).all(), b
+
+
 @pytest.mark.parametrize("group_size", [1, 3], ids=lambda g: f"G{g}")
 @pytest.mark.parametrize("scale", [1.0, 0.3], ids=lambda s: f"s{s}")
 def test_ref_matches_scalar_spec(group_size: int, scale: float) -> None:
