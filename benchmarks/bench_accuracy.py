@@ -24,8 +24,12 @@ Configurations (one server each, one at a time, each stopped before the next):
 
 ``--freekv-extra JSON`` merges keys into every FreeKV config (e.g. an A/B of a selection knob).
 
-Requests go concurrently (``--concurrency``, SGLang batches them), the radix cache stays on as
-users run it: prompts of one (haystack, context) share the haystack before their needle, so
+Requests go one at a time by default (``--concurrency 1``): on the CPU engine SGLang's own
+bf16 numerics change with the batch (the default policy's greedy answers to 8 concurrent
+prompts differ from the same prompts alone; docs/design.md "Batch invariance"), so a
+concurrent run's answers depend on arrival order and are not reproducible; one at a time
+they are (two runs gave identical outputs). ``--concurrency N`` batches N. The radix cache
+stays on as users run it: prompts of one (haystack, context) share the haystack before their needle, so
 the deepest needle of each group is sent first and the rest reuse its prefix. Prefill is dense
 and exact under both policies (a FreeKV prefix is staged from the host tier, the same bf16
 values), so sharing does not change what decode sees; ``--no-radix-cache`` turns it off.
@@ -279,7 +283,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="needle values and keys")
     ap.add_argument("--dtype", default=None,
                     help="model dtype passed as --dtype (default: the model's own, bf16)")
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="requests in flight (default 1: reproducible answers)")
     ap.add_argument("--no-radix-cache", action="store_true")
     ap.add_argument("--freekv-extra", default="{}", help="JSON merged into every FreeKV config")
     ap.add_argument("--reuse", default=None,

@@ -83,12 +83,18 @@ class ReferenceDecoder:
         recall_group_blocks: int = 8,
         q_noise: tuple[float, ...] = (0.2, 0.5, 1.0),
         reuse_q_buffer: bool = False,
+        per_request_inputs: bool = False,
     ) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.num_layers, self.hq, self.h, self.d = num_layers, num_qo_heads, num_kv_heads, head_dim
         self.max_reqs, self.max_len = max_reqs, max_len
         self.gen = torch.Generator().manual_seed(seed)
         self.q_noise = q_noise
+        # per_request_inputs: every request draws its prompt K/V, queries and new K/V from
+        # its own generator (seeded by add_request's ``seed``), so a request gets the same
+        # inputs alone or next to others (batch-invariance tests); else one shared stream.
+        self.per_request_inputs = per_request_inputs
+        self.req_gen: dict[int, torch.Generator] = {}
         p, bp = cfg.page_size, cfg.budget_pages
         dense_rows = max_reqs * max_len
         rows = dense_rows + max_reqs * bp * p
@@ -117,29 +123,35 @@ class ReferenceDecoder:
                                    device=device) if reuse_q_buffer else None)
         self.on_q_write: Callable[[], None] | None = None
 
-    def _randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.gen).to(self.device, self.dtype)
+    def _randn(self, *shape: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen or self.gen).to(self.device, self.dtype)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt_len: int) -> int:
+    def add_request(self, prompt_len: int, seed: int = 0) -> int:
+        """Prefill a request of ``prompt_len`` random tokens; returns its row. ``seed``: its
+        inputs' generator when the decoder has ``per_request_inputs``."""
         row = next(r for r in range(self.max_reqs) if r not in self.seq_len)
+        gen = self.gen
+        if self.per_request_inputs:
+            gen = self.req_gen[row] = torch.Generator().manual_seed(seed)
         p, bp = self.cfg.page_size, self.cfg.budget_pages
         loc = self.req_to_token[row, :prompt_len]
         for layer in range(self.num_layers):
-            self.k_buffers[layer][loc] = self._randn(prompt_len, self.h, self.d)
-            self.v_buffers[layer][loc] = self._randn(prompt_len, self.h, self.d)
-        perm = torch.randperm(bp, generator=self.gen)  # slots need not be in order
+            self.k_buffers[layer][loc] = self._randn(prompt_len, self.h, self.d, gen=gen)
+            self.v_buffers[layer][loc] = self._randn(prompt_len, self.h, self.d, gen=gen)
+        perm = torch.randperm(bp, generator=gen)  # slots need not be in order
         slot_loc = self._dense_rows + (row * bp + perm) * p
         self.cache.admit(row, slot_loc.to(torch.int64))
         self.cache.commit_prefill(row, prompt_len, loc)
         self.seq_len[row] = prompt_len
         self.decoded[row] = 0
-        self.base_q[row] = self._randn(self.num_layers, self.hq, self.d)
+        self.base_q[row] = self._randn(self.num_layers, self.hq, self.d, gen=gen)
         return row
 
     def remove_request(self, row: int) -> None:
         self.cache.release(row)
         del self.seq_len[row], self.decoded[row], self.base_q[row]
+        self.req_gen.pop(row, None)
 
     # ------------------------------------------------------------------ decode
     def step(self, rows: list[int], on_layer: LayerCallback | None = None,
@@ -164,14 +176,11 @@ class ReferenceDecoder:
         out = StepOutput(rows=list(rows), seq_lens=n)
         bs = len(rows)
         for layer in range(self.num_layers):
-            sigma = self.q_noise[int(torch.randint(len(self.q_noise), (1,), generator=self.gen))]
-            base = torch.stack([self.base_q[r][layer] for r in rows])  # [bs, Hq, D]
-            q = base + sigma * self._randn(bs, self.hq, self.d)
+            q, k_new, v_new = self._step_inputs(rows, layer)
             if self._q_buf is not None:
                 q = self._q_buf[:bs].copy_(q)  # same memory for every layer
                 if self.on_q_write is not None:
                     self.on_q_write()
-            k_new, v_new = self._randn(bs, self.h, self.d), self._randn(bs, self.h, self.d)
             kb, vb = self.k_buffers[layer], self.v_buffers[layer]
             cache.prepare_layer(layer, plan)
             kb[dense_loc], vb[dense_loc] = k_new, v_new
@@ -210,6 +219,24 @@ class ReferenceDecoder:
             self.seq_len[r] = nn
             self.decoded[r] += 1
         return out
+
+    def _step_inputs(self, rows: list[int], layer: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[bs, Hq, D]``, new K and V ``[bs, H, D]`` of one layer of one step."""
+        bs = len(rows)
+        base = torch.stack([self.base_q[r][layer] for r in rows])  # [bs, Hq, D]
+        if not self.per_request_inputs:
+            sigma = self.q_noise[int(torch.randint(len(self.q_noise), (1,), generator=self.gen))]
+            q = base + sigma * self._randn(bs, self.hq, self.d)
+            return q, self._randn(bs, self.h, self.d), self._randn(bs, self.h, self.d)
+        qs, ks, vs = [], [], []
+        for b, r in enumerate(rows):
+            gen = self.req_gen[r]
+            sigma = self.q_noise[int(torch.randint(len(self.q_noise), (1,), generator=gen))]
+            qs.append(base[b] + sigma * self._randn(self.hq, self.d, gen=gen))
+            ks.append(self._randn(self.h, self.d, gen=gen))
+            vs.append(self._randn(self.h, self.d, gen=gen))
+        return torch.stack(qs), torch.stack(ks), torch.stack(vs)
 
     # ------------------------------------------------------------------ truth
     def page_keys(self, layer: int, row: int, pages: torch.Tensor) -> torch.Tensor:

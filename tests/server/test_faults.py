@@ -123,7 +123,7 @@ def test_flush_cache_during_traffic_is_safe(server: Server) -> None:
     for t in threads:
         t.join(timeout=STOP_S)
     assert flushes > 0
-    for i in range(8):  # every request answered in full (exactness: the test below)
+    for i in range(8):  # every request answered in full (bf16 batch numerics: docs/design.md)
         out = results[i]
         assert isinstance(out, list) and out and all(isinstance(t, int) for t in out), (i, out)
         assert out[:3] == want[i % 4][:3], (i, out, want[i % 4])
@@ -187,30 +187,3 @@ def test_a_killed_tp_rank_stops_the_server(tmp_path: Path) -> None:
                 assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
             except psutil.NoSuchProcess:
                 pass
-
-
-@pytest.mark.slow
-def test_concurrent_cached_requests_equal_the_same_requests_alone(tmp_path: Path) -> None:
-    """Greedy outputs of 8 concurrent requests (4 prompts twice, all in the radix cache)
-    equal each prompt run alone, at budget 512, in the model's own dtype (bf16).
-
-    Only in bf16: on the CPU, float32 GEMMs are not batch-invariant (a row of ``x @ W``
-    changes by ~1e-6 with the number of rows, every projection of the embedded model), so
-    a float32 request's q/k/v differ slightly between running alone and in a batch, and a
-    near-tie in the top-k page choice may flip, changing the answer (seen once: a passkey
-    digit lost). bf16 GEMMs are batch-invariant here, so any difference is FreeKV's own
-    (rows, jobs, shared prefix pages). docs/design.md "Batch invariance"."""
-    model = embedded_model_path()
-    args = ["--model-path", model, "--kv-policy", "freekv", "--freekv-config",
-            json.dumps(CFG), "--enable-metrics"]
-    prompts = [build_passkey_prompt(model, 1500, 0.3 + 0.1 * i, seed=70 + i) for i in range(4)]
-    with run_server(args, tmp_path) as server:
-        want = {i: generate_ids(server, p.input_ids, 10)["output_ids"]
-                for i, p in enumerate(prompts)}
-        for _ in range(3):
-            threads, results = _start_concurrent(server, prompts, 8)
-            for t in threads:
-                t.join(timeout=600)
-            for i in range(8):
-                assert results[i] == want[i % 4], (i, results[i], want[i % 4])
-        _wait_gauges_zero(server)
