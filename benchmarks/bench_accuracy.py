@@ -29,17 +29,17 @@ bf16 numerics change with the batch (the default policy's greedy answers to 8 co
 prompts differ from the same prompts alone; docs/design.md "Batch invariance"), so a
 concurrent run's answers depend on arrival order and are not reproducible; one at a time
 they are (two runs gave identical outputs). ``--concurrency N`` batches N. The radix cache
-stays on as users run it: prompts of one (haystack, context) share the haystack before their needle, so
-the deepest needle of each group is sent first and the rest reuse its prefix. Prefill is dense
+stays on as users run it: prompts of one (haystack, context) share the haystack before their
+needle, so the deepest needle of each group is sent first and the rest reuse its prefix. Prefill is dense
 and exact under both policies (a FreeKV prefix is staged from the host tier, the same bf16
 values), so sharing does not change what decode sees; ``--no-radix-cache`` turns it off.
 
 Writes JSON (every case, its output and score) and one PNG heatmap (depth x context, mean over
 shapes and haystacks) per config, and prints a table per shape x context plus every cell where
 a FreeKV config scores below dense. Default run: 5 configs x 24 cases (6 shapes x 2K/4K x
-depths 25%/75%); measured on 2 cores shared with a load average of ~12: 17-19 min per config
-(server start included); estimated ~4 min per config, ~20 min in all, on 2 idle cores
-(prefill ~1.3 s per 2K tokens, ~40 s server start). ``--quick``: 2 configs x 4 cases;
+depths 25%/75%), one request at a time: 11 min in all on 2 quiet cores (2026-12-07,
+~2.2 min per config, server start included); 17-19 min per config when the 2 cores were
+shared with a load average of ~12. ``--quick``: 2 configs x 4 cases;
 ``--full``: 7 configs x 576 cases (8 shapes, 4 contexts up to 8K, 9 depths, 2 haystacks,
 tail and mid splits), hours.
 
