@@ -100,7 +100,7 @@ from _soak_own import (  # noqa: E402
 from tests.helpers import Server, embedded_model_path, run_server  # noqa: E402
 
 # budget 512 (sink 64, window 128): every prompt over 512 tokens runs the sparse path; a 2 GiB
-# host tier (~45K float32 tokens at TP1) keeps RAM bounded on a shared machine and makes the
+# host tier (~45K float32 / ~90K bf16 tokens at TP1) keeps RAM bounded on a shared machine and makes the
 # radix cache evict during the run.
 FREEKV_CFG = {"budget": 512, "sink": 64, "window": 128, "host_memory_gb": 2}
 OUTCOMES = ("ok", "aborted", "abort_late", "disconnected", "disconnect_late", "rejected",
@@ -403,9 +403,10 @@ class LoadSampler(threading.Thread):
             self.stop.wait(30)
 
 
-def server_args(model: str, tp: int, cfg: dict) -> list[str]:
-    return ["--model-path", model, "--dtype", "float32", "--tp", str(tp), "--kv-policy",
-            "freekv", "--freekv-config", json.dumps(cfg), "--enable-metrics"]
+def server_args(model: str, tp: int, cfg: dict, dtype: str | None = None) -> list[str]:
+    """Server flags; ``dtype`` None = the model's own (bf16), as users run it."""
+    return ["--model-path", model, *(["--dtype", dtype] if dtype else []), "--tp", str(tp),
+            "--kv-policy", "freekv", "--freekv-config", json.dumps(cfg), "--enable-metrics"]
 
 
 def run_server_phases(tag: str, server: Server, model: str, tokenizer: Any, counts: dict,
@@ -465,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=12,
                     help="requests in flight per client (bench_serving and own traffic each)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--dtype", default=None,
+                    help="model dtype (default: the model's own, bf16; the committed runs of "
+                    "2026-12 used float32)")
     ap.add_argument("--request-timeout", type=float, default=1800,
                     help="seconds before an own request counts as hung")
     ap.add_argument("--phase-timeout", type=float, default=7200,
@@ -504,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         info: dict[str, Any] = {"tp": tp}
         try:
-            with run_server(server_args(model, tp, cfg), workdir,
+            with run_server(server_args(model, tp, cfg, args.dtype), workdir,
                             timeout_s=args.start_timeout) as server:
                 info["start_s"] = time.monotonic() - t0
                 info["log"] = str(server.log_path)
@@ -540,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "requests_planned": total,
         "phase_counts": counts,
-        "freekv_config": cfg,
+        "freekv_config": cfg, "dtype": args.dtype or "model default (bfloat16)",
         "sizes": asdict(sizes),
         "concurrency": args.concurrency,
         "timeouts_s": {"request": args.request_timeout, "phase": args.phase_timeout,
