@@ -188,7 +188,7 @@ def plot_recall(gbps: Mapping[str, float], *, subtitle: str = "") -> Figure:
 
 def plot_select(rows: Sequence[Mapping[str, Any]], *, subtitle: str = "") -> Figure:
     """Selection cost per layer vs context, one line per batch size (bench_select rows with
-    ``context``, ``batch``, ``ms`` and, on CUDA, ``ref_ms`` drawn dashed)."""
+    ``context``, ``batch``, ``ms`` and ``ref_ms``, the PyTorch reference, drawn dashed)."""
     fig, ax = _figure("Page selection cost per layer (score + top-k)"
                       + (f"\n{subtitle}" if subtitle else ""))
     batches = sorted({int(r["batch"]) for r in rows})
