@@ -355,3 +355,65 @@ def test_budget_slots_refuse_double_release() -> None:
         slots.release(8)
     with pytest.raises(ValueError, match="not a chunk start"):
         slots.release(3)
+
+
+def test_an_extend_waits_the_speculative_job_of_the_last_decode_step() -> None:
+    """Race: the step job of decode step t runs on the worker; the next forward is an extend
+    of another request (a sibling prefilled next to a decoding request). The extend's planning
+    must start only after that job ended (in the server, overlapping them gave a decoding
+    request wrong K/V). Forced order: the job is held at its start until the extend has either
+    planned (the race) or is waiting the job (the fix)."""
+    import threading
+
+    e = Engine()
+    s = e.serving
+    e.prefill([1], [40])  # 10 pages: sparse (budget 5 pages)
+    e.decode([1])  # first step: activation, job for the next step
+    e.decode([1])  # a step served by a job; submits the next one
+    s.cache.recall.wait_all()
+    events: list[str] = []
+    gate, reached = threading.Event(), threading.Condition()
+
+    def hold(point: str) -> None:
+        if point == "job_start":
+            assert gate.wait(timeout=60), "the test never opened the gate"
+
+    def note(name: str) -> None:
+        with reached:
+            events.append(name)
+            reached.notify_all()
+
+    recall = s.cache.recall
+    wait_all = recall.wait_all
+    recall._checkpoint = hold  # type: ignore[method-assign]
+
+    def waiting() -> None:
+        note("extend waits")
+        wait_all()
+
+    recall.wait_all = waiting  # type: ignore[method-assign]
+    import sglang_freekv.serving.core as core_mod
+
+    plan_step = core_mod.plan_extend_step
+
+    def planned(*args: Any, **kwargs: Any) -> Any:
+        note("extend plans")
+        return plan_step(*args, **kwargs)
+
+    core_mod.plan_extend_step = planned  # type: ignore[assignment]
+    try:
+        e.decode([1])  # submits a job, held at its start
+        job = next(iter(s.cache._jobs.values()))
+        job.add_done_callback(lambda _: note("job done"))
+        t = threading.Thread(target=lambda: e.extend([2], [12]))
+        t.start()
+        with reached:
+            assert reached.wait_for(lambda: events, timeout=60)
+        gate.set()
+        t.join(timeout=60)
+        assert not t.is_alive()
+    finally:
+        gate.set()
+        core_mod.plan_extend_step = plan_step  # type: ignore[assignment]
+        recall.wait_all = wait_all  # type: ignore[method-assign]
+    assert events.index("job done") < events.index("extend plans"), events
