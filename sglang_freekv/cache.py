@@ -233,6 +233,13 @@ class FreeKVCache:
         kv = kv.to(self.device)
         return kv[:, :, 0], kv[:, :, 1]
 
+    def wait_jobs(self) -> None:
+        """Every speculative job submitted so far has ended, and on CUDA the current stream
+        is ordered after its copies. Out of any CUDA graph (host waits)."""
+        for layer in list(self._jobs):
+            self._wait_job(layer)  # SYNC + STREAM: see _wait_job
+        self.recall.wait_all()  # SYNC: jobs no layer waits any more (host)
+
     def release(self, req_row: int, kv_len: int | None = None) -> None:
         """Wait in-flight jobs, drop the row's host page references and clear its tables.
 
@@ -240,9 +247,7 @@ class FreeKVCache:
         that page is first written to the host tier, so token ids the engine keeps cached
         (prefix sharing) can still be read from it.
         """
-        for layer in list(self._jobs):
-            self._wait_job(layer)  # SYNC: a job may still scatter into this row's slots
-        self.recall.wait_all()
+        self.wait_jobs()  # a job may still scatter into this row's slots
         if kv_len is not None and kv_len % self.g.page_size:
             self._flush_partial(req_row, kv_len)
         pages = self.t.host_pages_cpu[req_row]

@@ -10,11 +10,13 @@ data the attention backend will read.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import pytest
 import torch
 
+import sglang_freekv.serving.core as core_mod
 from sglang_freekv.serving import DeviceRows, FreeKVServing, FreeKVStagingFull
 from sglang_freekv.serving.rows import BudgetSlots
 
@@ -363,8 +365,6 @@ def test_an_extend_waits_the_speculative_job_of_the_last_decode_step() -> None:
     must start only after that job ended (in the server, overlapping them gave a decoding
     request wrong K/V). Forced order: the job is held at its start until the extend has either
     planned (the race) or is waiting the job (the fix)."""
-    import threading
-
     e = Engine()
     s = e.serving
     e.prefill([1], [40])  # 10 pages: sparse (budget 5 pages)
@@ -383,17 +383,15 @@ def test_an_extend_waits_the_speculative_job_of_the_last_decode_step() -> None:
             events.append(name)
             reached.notify_all()
 
-    recall = s.cache.recall
-    wait_all = recall.wait_all
-    recall._checkpoint = hold  # type: ignore[method-assign]
+    cache = s.cache
+    wait_jobs = cache.wait_jobs
+    cache.recall._checkpoint = hold  # type: ignore[method-assign]
 
     def waiting() -> None:
         note("extend waits")
-        wait_all()
+        wait_jobs()
 
-    recall.wait_all = waiting  # type: ignore[method-assign]
-    import sglang_freekv.serving.core as core_mod
-
+    cache.wait_jobs = waiting  # type: ignore[method-assign]
     plan_step = core_mod.plan_extend_step
 
     def planned(*args: Any, **kwargs: Any) -> Any:
@@ -415,5 +413,5 @@ def test_an_extend_waits_the_speculative_job_of_the_last_decode_step() -> None:
     finally:
         gate.set()
         core_mod.plan_extend_step = plan_step  # type: ignore[assignment]
-        recall.wait_all = wait_all  # type: ignore[method-assign]
+        cache.wait_jobs = wait_jobs  # type: ignore[method-assign]
     assert events.index("job done") < events.index("extend plans"), events
