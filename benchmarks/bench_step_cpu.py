@@ -1,28 +1,37 @@
-"""FreeKV's own work per decode step on CPU, in process: no server, no model, low noise.
+"""A decode step of a synthetic SmolLM2 with FreeKV's hooks, in process: no server, low noise.
 
 The server benchmark (``bench_decode.py``) cannot resolve changes under ~10% on a shared
-2-core machine; this one times only what FreeKV adds to a step, through the same
-:class:`~sglang_freekv.cache.FreeKVCache` hooks a CPU engine calls: ``plan_decode``, and per
-layer ``prepare_layer`` + the token's K/V write + ``before_attention`` (wait the speculative
-job, correction) and ``after_attention`` (write-through, the step job's submission). Between
-them a stand-in attention over the budget rows (gather + SDPA per request, as SGLang's
-torch_native decode) runs, timed apart, so the speculative job on
-the worker overlaps work as it does in the server.
+2-core machine; this one runs the same step shape in one process. Per layer: the model's
+projections and MLP as real bf16 matmuls (random weights, SmolLM2-135M shapes: hidden 576,
+MLP 1536, 9 query / 3 KV heads of 64, 30 layers) and an attention stand-in (gather the rows,
+SDPA, as SGLang's torch_native decode does per request); after the last layer the LM head
+(vocabulary 49152). Under FreeKV the engine calls the same
+:class:`~sglang_freekv.cache.FreeKVCache` hooks it calls in the server: ``plan_decode``, and
+per layer ``prepare_layer`` + the token's K/V write + ``before_attention`` (wait the
+speculative job, correction) and ``after_attention`` (write-through, job submission), and
+the step job runs on the worker while the next step runs, as in the server.
 
-Shapes of the embedded model (SmolLM2-135M: 30 layers, 9 query / 3 KV heads of 64, bf16),
-FreeKV budget 1024 (sink 128, window 256, pages of 32), ``--batch`` requests of
-``--context`` tokens. Keys are random; each step's query is ``base + sigma * noise`` with
-``sigma`` 0.3 on most steps and 1.2 on ``--drift`` of them (per layer), so that about a
-fifth of the heads are corrected per step, as in the server at 6.5K (docs/design.md, "Where a
-CPU decode step goes"); the run reports the rates it got.
+Configurations (each measured in interleaved rounds, one process):
 
-    python benchmarks/bench_step_cpu.py [--context 6500] [--batch 1] [--steps 40]
-        [--warmup 8] [--drift 0.15] [--speculative | --synchronous]
+- ``freekv``: budget 1024 (sink 128, window 256, pages of 32), speculative, at ``--context``;
+- ``freekv_sync``: the same, ``"speculative": false``;
+- ``default``: attention over the whole context, no FreeKV, at ``--context``;
+- ``default_short``: the same at ``--short-context`` (the ceiling: attention over about the
+  budget's rows).
 
-Prints and writes ``benchmarks/results/bench_step_cpu.json``: median ms per step of FreeKV's
-hooks on the engine thread (plan, before, after), of the stand-in attention, of the step job
-on the worker, and per step the checked / corrected heads and recalled (page, head) blocks.
-Timings are never asserted.
+Keys are random; each step's query is ``base + sigma * noise`` with ``sigma`` 0.3 on most
+(step, layer) pairs and 1.2 on ``--drift`` of them, so that about a fifth of the heads are
+corrected per step, as in the server at 6.5K (docs/design.md, "Where a CPU decode step goes").
+
+    python benchmarks/bench_step_cpu.py [--context 6500] [--short-context 1000] [--batch 1]
+        [--steps 24] [--warmup 6] [--rounds 3] [--drift 0.15] [--dtype bfloat16]
+
+Prints and writes ``benchmarks/results/<--out>.json`` (default ``bench_step_cpu``): per
+configuration the median step time and tokens/s, FreeKV's time on the engine thread (hooks,
+of which waiting the speculative job), the step job's time on the worker, the checked /
+corrected heads and recalled (page, head) blocks per step, and the ratios the issue's bars
+use. The model is synthetic: the ratios are FreeKV's cost next to a model of this size, not
+the server's tokens/s. Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -45,53 +54,167 @@ from sglang_freekv.config import FreeKVConfig  # noqa: E402
 from sglang_freekv.reference import ReferenceDecoder  # noqa: E402
 
 LAYERS, HQ, H, D = 30, 9, 3, 64
+HIDDEN, MLP, VOCAB = 576, 1536, 49152
 COUNTERS = ("checked_heads", "corrected_heads", "recalled_pages")
+CONFIGS = ("freekv", "freekv_sync", "default", "default_short")
 
 
-def budget_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
-                     indptr: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+class SyntheticModel:
+    """Random-weight matmuls of SmolLM2-135M's decode step (``dtype``, CPU)."""
+
+    def __init__(self, dtype: torch.dtype, gen: torch.Generator) -> None:
+        def w(i: int, o: int) -> torch.Tensor:
+            return (torch.randn(i, o, generator=gen) * i ** -0.5).to(dtype)
+
+        self.qkv = [w(HIDDEN, (HQ + 2 * H) * D) for _ in range(LAYERS)]
+        self.o = [w(HQ * D, HIDDEN) for _ in range(LAYERS)]
+        self.gate_up = [w(HIDDEN, 2 * MLP) for _ in range(LAYERS)]
+        self.down = [w(MLP, HIDDEN) for _ in range(LAYERS)]
+        self.lm_head = w(HIDDEN, VOCAB)
+
+    def pre_attention(self, layer: int, x: torch.Tensor) -> None:
+        """``x [bs, HIDDEN]``: the QKV projection (its output is not used: the benchmark's
+        queries are drawn so that drift is controlled)."""
+        torch.nn.functional.rms_norm(x, (HIDDEN,)) @ self.qkv[layer]
+
+    def post_attention(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """``o [bs, HQ, D]`` attention output -> the next hidden state ``[bs, HIDDEN]``."""
+        x = x + o.reshape(x.shape[0], -1) @ self.o[layer]
+        gu = torch.nn.functional.rms_norm(x, (HIDDEN,)) @ self.gate_up[layer]
+        g, u = gu.chunk(2, dim=-1)
+        return x + (torch.nn.functional.silu(g) * u) @ self.down[layer]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.nn.functional.rms_norm(x, (HIDDEN,)) @ self.lm_head).argmax(-1)
+
+
+def attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
+              idx: list[torch.Tensor], scale: float) -> torch.Tensor:
     """Stand-in for the engine's attention (SGLang's torch_native decode does the same per
-    request): gather the budget rows, SDPA. ``q [bs, Hq, D]``, ``kb``/``vb [rows, H, D]``."""
+    request): gather the rows ``idx[b]`` (int64), SDPA. ``q [bs, Hq, D]``, ``kb``/``vb
+    [rows, H, D]``."""
     out = torch.empty_like(q)
-    bounds = indptr.tolist()
     for b in range(q.shape[0]):
-        idx = indices[bounds[b]:bounds[b + 1]].to(torch.int64)
-        k, v = kb[idx].movedim(0, 1), vb[idx].movedim(0, 1)  # [H, n, D]
+        k, v = kb[idx[b]].movedim(0, 1), vb[idx[b]].movedim(0, 1)  # [H, n, D]
         out[b] = torch.nn.functional.scaled_dot_product_attention(
             q[b][:, None], k, v, scale=scale, enable_gqa=True)[:, 0]
     return out
 
 
+class Run:
+    """One configuration's decoder, requests and measurements (steps resume across rounds)."""
+
+    def __init__(self, name: str, context: int, args: argparse.Namespace,
+                 model: SyntheticModel, dtype: torch.dtype) -> None:
+        self.name, self.args, self.model, self.dtype = name, args, model, dtype
+        self.freekv = name.startswith("freekv")
+        cfg = FreeKVConfig(budget=1024, sink=128, window=256,
+                           speculative=name != "freekv_sync")
+        total = (args.warmup + args.steps) * args.rounds
+        self.dec = ReferenceDecoder(cfg, num_layers=LAYERS, num_qo_heads=HQ, num_kv_heads=H,
+                                    head_dim=D, dtype=dtype, max_reqs=args.batch,
+                                    max_len=context + total + 1, seed=0)
+        self.rows = [self.dec.add_request(context) for _ in range(args.batch)]
+        self.gen = torch.Generator().manual_seed(1)
+        self.base = torch.randn(LAYERS, args.batch, HQ, D, generator=self.gen).to(dtype)
+        self.x = torch.randn(args.batch, HIDDEN, generator=self.gen).to(dtype)
+        self.per_step: list[dict[str, float]] = []
+        self.job_s: list[float] = []
+        self.wait_s = 0.0
+        cache = self.dec.cache
+        wait_job = cache._wait_job
+
+        def timed_wait(layer: int) -> None:  # engine thread: time spent waiting the job
+            t = time.perf_counter()
+            wait_job(layer)
+            self.wait_s += time.perf_counter() - t
+
+        cache._wait_job = timed_wait  # type: ignore[method-assign]
+
+    def step(self, measured: bool) -> None:
+        dec, cache, bs = self.dec, self.dec.cache, self.args.batch
+        rows_t = torch.tensor(self.rows, dtype=torch.int64)
+        n_t = torch.tensor([dec.seq_len[r] + 1 for r in self.rows], dtype=torch.int64)
+        before = {k: cache.stats()[k] for k in COUNTERS}
+        self.wait_s = 0.0
+        t_start = time.perf_counter()
+        hooks = 0.0
+        if self.freekv:
+            plan = cache.plan_decode(rows_t, n_t, n_t, rows_t)
+            hooks = time.perf_counter() - t_start
+            idx = [plan.kv_indices[a:b].to(torch.int64)
+                   for a, b in zip(plan.kv_indptr.tolist(), plan.kv_indptr.tolist()[1:])]
+        else:
+            idx = [dec.req_to_token[r, :n] for r, n in zip(self.rows, n_t.tolist())]
+        dense_loc = dec.req_to_token[rows_t, n_t - 1]
+        x = self.x
+        for layer in range(LAYERS):
+            self.model.pre_attention(layer, x)
+            big = torch.rand(bs, generator=self.gen) < self.args.drift
+            sigma = torch.where(big, 1.2, 0.3).to(self.dtype)[:, None, None]
+            q = self.base[layer] + sigma * torch.randn(bs, HQ, D, generator=self.gen).to(
+                self.dtype)
+            k_new = torch.randn(bs, H, D, generator=self.gen).to(self.dtype)
+            v_new = torch.randn(bs, H, D, generator=self.gen).to(self.dtype)
+            kb, vb = dec.k_buffers[layer], dec.v_buffers[layer]
+            t0 = time.perf_counter()
+            if self.freekv:
+                cache.prepare_layer(layer, plan)
+            kb[dense_loc], vb[dense_loc] = k_new, v_new
+            if self.freekv:
+                kb[plan.token_loc], vb[plan.token_loc] = k_new, v_new
+                cache.before_attention(layer, plan, q)
+            t1 = time.perf_counter()
+            o = attention(q, kb, vb, idx, dec.scale)
+            t2 = time.perf_counter()
+            if self.freekv:
+                cache.after_attention(layer, plan, q)
+            hooks += (t1 - t0) + (time.perf_counter() - t2) if self.freekv else 0.0
+            x = self.model.post_attention(layer, x, o)
+        self.model.head(x)
+        step_s = time.perf_counter() - t_start
+        for r, n in zip(self.rows, n_t.tolist()):
+            dec.seq_len[r] = n
+        # Counters of the step's own corrections (the step job's recalls land in the next
+        # step's count: same per-step rate over a run).
+        after = cache.stats()
+        if measured:
+            self.per_step.append({"step_ms": step_s * 1e3, "hooks_ms": hooks * 1e3,
+                                  "job_wait_ms": self.wait_s * 1e3,
+                                  **{k: float(after[k] - before[k]) for k in COUNTERS}})
+
+    def close(self) -> None:
+        self.dec.cache.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=6500)
+    ap.add_argument("--short-context", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=40, help="measured steps")
-    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=24, help="measured steps per round")
+    ap.add_argument("--warmup", type=int, default=6, help="unmeasured steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--drift", type=float, default=0.15,
                     help="share of (step, layer) queries drawn with the large noise")
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--synchronous", action="store_true",
-                      help='"speculative": false (select + recall before attention)')
-    mode.add_argument("--speculative", action="store_true", help="the default")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated subset of {', '.join(CONFIGS)}")
     ap.add_argument("--out", default="bench_step_cpu",
                     help="result file stem (benchmarks/results/<out>.json)")
     args = ap.parse_args()
-    if args.context < 1024 or args.context > 32768 or args.batch < 1 or args.steps < 1:
-        ap.error("--context in [1024, 32768], --batch >= 1, --steps >= 1")
+    configs = [c for c in args.configs.split(",") if c]
+    if not configs or any(c not in CONFIGS for c in configs):
+        ap.error(f"--configs takes a comma-separated subset of {', '.join(CONFIGS)}")
+    if not 1024 <= args.context <= 32768 or not 1 <= args.short_context <= 32768:
+        ap.error("--context in [1024, 32768], --short-context in [1, 32768]")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        ap.error("--batch, --steps, --rounds >= 1 and --warmup >= 0")
     if not 0.0 <= args.drift <= 1.0:
         ap.error("--drift must be in [0, 1]")
+    dtype = getattr(torch, args.dtype)
 
-    cfg = FreeKVConfig(budget=1024, sink=128, window=256, speculative=not args.synchronous)
-    total = args.warmup + args.steps
-    dec = ReferenceDecoder(cfg, num_layers=LAYERS, num_qo_heads=HQ, num_kv_heads=H,
-                           head_dim=D, dtype=torch.bfloat16, max_reqs=args.batch,
-                           max_len=args.context + total + 1, seed=0)
-    rows = [dec.add_request(args.context) for _ in range(args.batch)]
-    cache = dec.cache
-    gen = torch.Generator().manual_seed(1)
-    base = torch.randn(LAYERS, args.batch, HQ, D, generator=gen).to(torch.bfloat16)
-
+    model = SyntheticModel(dtype, torch.Generator().manual_seed(2))
     job_s: list[float] = []
     run_job = cache_mod.run_step_job
 
@@ -101,67 +224,52 @@ def main() -> None:
         job_s.append(time.perf_counter() - t)
 
     cache_mod.run_step_job = timed_job  # type: ignore[assignment]
-    per_step: list[dict[str, float]] = []
-    rows_t = torch.tensor(rows, dtype=torch.int64)
+    runs = {c: Run(c, args.short_context if c == "default_short" else args.context, args,
+                   model, dtype) for c in configs}
+    jobs: dict[str, list[float]] = {c: [] for c in configs}
     try:
-        for step in range(total):
-            n_t = torch.tensor([dec.seq_len[r] + 1 for r in rows], dtype=torch.int64)
-            before_stats = {k: cache.stats()[k] for k in COUNTERS}
-            t_plan = time.perf_counter()
-            plan = cache.plan_decode(rows_t, n_t, n_t, rows_t)
-            hooks = time.perf_counter() - t_plan
-            plan_s, attn = hooks, 0.0
-            dense_loc = dec.req_to_token[rows_t, n_t - 1]
-            for layer in range(LAYERS):
-                big = torch.rand(args.batch, generator=gen) < args.drift
-                sigma = torch.where(big, 1.2, 0.3).to(torch.bfloat16)[:, None, None]
-                q = base[layer] + sigma * torch.randn(args.batch, HQ, D, generator=gen).to(
-                    torch.bfloat16)
-                k_new = torch.randn(args.batch, H, D, generator=gen).to(torch.bfloat16)
-                v_new = torch.randn(args.batch, H, D, generator=gen).to(torch.bfloat16)
-                kb, vb = dec.k_buffers[layer], dec.v_buffers[layer]
-                t0 = time.perf_counter()
-                cache.prepare_layer(layer, plan)
-                kb[dense_loc], vb[dense_loc] = k_new, v_new
-                kb[plan.token_loc], vb[plan.token_loc] = k_new, v_new
-                cache.before_attention(layer, plan, q)
-                t1 = time.perf_counter()
-                budget_attention(q, kb, vb, plan.kv_indptr, plan.kv_indices, dec.scale)
-                t2 = time.perf_counter()
-                cache.after_attention(layer, plan, q)
-                t3 = time.perf_counter()
-                hooks += (t1 - t0) + (t3 - t2)
-                attn += t2 - t1
-            for r, n in zip(rows, n_t.tolist()):
-                dec.seq_len[r] = n
-            cache.recall.wait_all()  # SYNC: benchmark only, so the counters are complete
-            after_stats = cache.stats()
-            if step >= args.warmup:
-                per_step.append({"hooks_ms": hooks * 1e3, "plan_ms": plan_s * 1e3,
-                                 "attention_ms": attn * 1e3,
-                                 **{k: float(after_stats[k] - before_stats[k])
-                                    for k in COUNTERS}})
+        for _ in range(args.rounds):
+            for c, run in runs.items():
+                for i in range(args.warmup + args.steps):
+                    n_jobs = len(job_s)
+                    run.step(measured=i >= args.warmup)
+                    if i >= args.warmup:
+                        jobs[c] += job_s[n_jobs:]
+                run.dec.cache.recall.wait_all()  # SYNC: benchmark only, between rounds
     finally:
         cache_mod.run_step_job = run_job  # type: ignore[assignment]
-        cache.close()
+        for run in runs.values():
+            run.close()
 
-    med = {k: statistics.median(s[k] for s in per_step) for k in per_step[0]}
-    jobs = job_s[args.warmup:] if len(job_s) > args.warmup else job_s
-    med["step_job_ms"] = statistics.median(jobs) * 1e3 if jobs else 0.0
-    mode_name = "synchronous" if args.synchronous else "speculative"
-    print(f"FreeKV hooks per step ({mode_name}, {args.batch} x {args.context} tokens, "
-          f"{LAYERS} layers, median of {args.steps} steps, threads {torch.get_num_threads()}):")
-    for k, v in med.items():
-        print(f"  {k:<16} {v:9.2f}")
-    checked = med["checked_heads"]
-    if checked:
-        print(f"  corrected share  {med['corrected_heads'] / checked:9.2f}")
-    result = {"benchmark": "bench_step_cpu", "mode": mode_name, "context": args.context,
-              "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-              "drift": args.drift, "layers": LAYERS, "qo_heads": HQ, "kv_heads": H,
-              "head_dim": D, "dtype": "bfloat16", "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "median": med, "per_step": per_step}
-    write_results(args.out, result)
+    out: dict[str, Any] = {}
+    print(f"Synthetic SmolLM2 decode step ({args.dtype}, batch {args.batch}, context "
+          f"{args.context}, short {args.short_context}, {args.rounds} x {args.steps} steps, "
+          f"threads {torch.get_num_threads()}), medians:")
+    for c, run in runs.items():
+        med = {k: statistics.median(s[k] for s in run.per_step) for k in run.per_step[0]}
+        med["tok_s"] = args.batch * 1e3 / med["step_ms"]
+        med["step_job_ms"] = statistics.median(jobs[c]) * 1e3 if jobs[c] else 0.0
+        out[c] = {"median": med, "per_step": run.per_step}
+        print(f"  {c:<14} " + "  ".join(f"{k} {v:.2f}" for k, v in med.items()))
+    ratios = {}
+
+    def tok(c: str) -> float | None:
+        return out[c]["median"]["tok_s"] if c in out else None
+
+    for name, a, b in (("freekv_over_default", "freekv", "default"),
+                       ("ceiling", "freekv", "default_short"),
+                       ("speculative_over_synchronous", "freekv", "freekv_sync")):
+        ta, tb = tok(a), tok(b)
+        if ta is not None and tb is not None:
+            ratios[name] = ta / tb
+            print(f"  {name:<30} {ratios[name]:.3f}")
+    write_results(args.out, {
+        "benchmark": "bench_step_cpu", "context": args.context,
+        "short_context": args.short_context, "batch": args.batch, "steps": args.steps,
+        "warmup": args.warmup, "rounds": args.rounds, "drift": args.drift,
+        "dtype": args.dtype, "layers": LAYERS, "qo_heads": HQ, "kv_heads": H, "head_dim": D,
+        "hidden": HIDDEN, "mlp": MLP, "vocab": VOCAB, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "configs": out, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ scatter on the same stream. So the H2D of group ``g`` overlaps the scatter of gr
 ``async`` (the single ordered worker thread, speculative jobs), so a correction never shares
 buffers with an in-flight speculative job (race 8).
 
-CPU path: same interface; async jobs run in order on one worker thread
-(``ThreadPoolExecutor(max_workers=1)``), sync recalls run inline.
+CPU path: same interface, no staging groups (one gather into per-thread scratch, one
+scatter); async jobs run in order on one worker thread (``ThreadPoolExecutor(max_workers=1)``),
+sync recalls run inline. :meth:`recall_layers`
+copies the blocks of several layers at once (the per-step job): one gather and, when the
+layers' K/V buffers share one storage (the FreeKV pool allocates them so), one scatter per
+K and V for every layer, instead of ~10 ops per layer.
 
 ``_checkpoint(point)`` (a no-op, called at ``"job_start"`` and ``"gathered"``) is where race
 tests hook in from outside to hold a job at a chosen point.
@@ -28,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from sglang_freekv.kernels._common import wide_int_view
+from sglang_freekv.kernels._common import ScratchBuffers, wide_int_view
 from sglang_freekv.pool_host import FreeKVHostPool
 from sglang_freekv.threads import pin_worker_threads
 
@@ -46,8 +50,9 @@ class _StagingSet:
         shape = (cap, *block)  # [cap, 2, P, D] HND blocks
         self.cap = cap
         self.cuda = device.type == "cuda"
+        # CPU recalls stage in per-thread scratch instead (one gather + one scatter)
         self.device_bufs = [torch.empty(shape, dtype=dtype, device=device)
-                            for _ in range(num_staging)]
+                            for _ in range(num_staging)] if self.cuda else []
         self.host_bufs: list[torch.Tensor] = []
         self.streams: list[torch.cuda.Stream] = []
         self.h2d_done: list[torch.cuda.Event] = []
@@ -88,7 +93,8 @@ class FreeKVRecallEngine:
         self.cuda = self.device.type == "cuda"
         self.num_staging = num_staging
         block = (2, host_pool.page_size, host_pool.head_dim)
-        self.block_bytes = 2 * host_pool.page_size * host_pool.head_dim * \
+        self.block_numel = 2 * host_pool.page_size * host_pool.head_dim
+        self.block_bytes = self.block_numel * \
             torch.empty((), dtype=host_pool.dtype).element_size()
         self._sets = {
             name: _StagingSet(group_blocks, num_staging, block, host_pool.dtype, self.device)
@@ -99,6 +105,11 @@ class FreeKVRecallEngine:
         self._executor = self._new_executor(1)
         self._inflight: set[Future[Any]] = set()
         self._lock = threading.Lock()
+        self._shared = None if self.cuda else _SharedRows.of(k_buffers, v_buffers)
+        # CPU staging of recall / recall_layers (up to a whole step's blocks: MBs), reused
+        # rather than refaulted. REUSE: per thread, so a correction (engine thread) and a job
+        # (worker) never share it (race 8 on CPU).
+        self._scratch = ScratchBuffers()
 
     # ------------------------------------------------------------------ jobs
     def submit(self, fn: Callable[[], T]) -> Future[T]:
@@ -184,17 +195,61 @@ class FreeKVRecallEngine:
         flat = host_ids.to("cpu", torch.int64) * h + hc.to("cpu", torch.int64)  # [n] block ids
         kbuf, vbuf = self.k_buffers[layer], self.v_buffers[layer]
         if not self.cuda:
-            for g, a in enumerate(range(0, n, st.cap)):
-                m = min(st.cap, n - a)
-                buf = st.device_bufs[g % self.num_staging][:m]  # [m, 2, P, D]
-                out = wide_int_view(buf.view(m, -1))
-                torch.index_select(src, 0, flat[a : a + m], out=out)
-                self._checkpoint("gathered")
-                if before_scatter is not None:
-                    before_scatter.wait()  # SYNC: the slots' previous readers are done (5)
-                _scatter(buf, kbuf, vbuf, dst_loc[a : a + m], heads[a : a + m])
+            # One gather and one scatter (no staging groups: nothing to overlap on a CPU).
+            buf = self._scratch.get(f"blocks_{mode}", (n, 2, self.pool.page_size, self.pool.head_dim),
+                               self.pool.dtype, self.device)  # [n, 2, P, D]
+            torch.index_select(src, 0, flat, out=wide_int_view(buf.view(n, -1)))
+            self._checkpoint("gathered")
+            if before_scatter is not None:
+                before_scatter.wait()  # SYNC: the slots' previous readers are done (race 5)
+            _scatter(buf, kbuf, vbuf, dst_loc, heads)
             return None
         return self._recall_cuda(st, src, flat, kbuf, vbuf, heads, dst_loc, before_scatter)
+
+    def recall_layers(
+        self,
+        layers: torch.Tensor,
+        host_ids: torch.Tensor,
+        heads: torch.Tensor,
+        dst_loc: torch.Tensor,
+        *,
+        before_scatter: Fence | None = None,
+    ) -> None:
+        """CPU, worker thread: :meth:`recall` of blocks of several layers in one call.
+
+        ``layers``, ``host_ids``, ``heads``, ``dst_loc``: ``[n]`` int64 CPU tensors, block
+        ``i`` is ``kv[layers[i], host_ids[i], heads[i]]`` -> the column ``heads[i]`` of the
+        ``P`` rows of layer ``layers[i]`` from ``dst_loc[i]``. Entries of one layer must be
+        contiguous when the buffers do not share a storage (then one :meth:`recall` per
+        layer). ``before_scatter``: as in :meth:`recall` (race 5).
+        """
+        if self.cuda:
+            raise RuntimeError("recall_layers is the CPU engine's path; CUDA recalls per layer")
+        n = int(host_ids.numel())
+        if n == 0:
+            return
+        shared = self._shared
+        base = shared.base.index_select(0, layers) if shared is not None else None  # [n, 2]
+        if base is None or bool((base[:, 0] < 0).any()):  # a layer outside the storage
+            bounds = torch.unique_consecutive(layers, return_counts=True)
+            a = 0
+            for layer, m in zip(bounds[0].tolist(), bounds[1].tolist()):
+                self.recall(layer, host_ids[a:a + m], heads[a:a + m], dst_loc[a:a + m],
+                            mode="async", before_scatter=before_scatter,
+                            heads_cpu=heads[a:a + m])
+                a += m
+            return
+        pool, h = self.pool, self.pool.num_kv_heads
+        # [L * num_pages * H, 2*P*D] HND blocks of every layer as wide integer rows
+        src = wide_int_view(pool.kv.view(-1, self.block_numel))
+        flat = (layers * pool.num_pages + host_ids) * h + heads  # [n] block ids
+        buf = self._scratch.get("blocks_async", (n, 2, pool.page_size, pool.head_dim), pool.dtype,
+                           self.device)  # [n, 2, P, D]
+        torch.index_select(src, 0, flat, out=wide_int_view(buf.view(n, -1)))
+        self._checkpoint("gathered")
+        if before_scatter is not None:
+            before_scatter.wait()  # SYNC: the slots' previous readers are done (race 5)
+        shared.scatter(buf, base, dst_loc, heads)
 
     def _recall_cuda(
         self,
@@ -251,6 +306,59 @@ class FreeKVRecallEngine:
             main.wait_event(ev)  # STREAM: fold the other staging stream into stream 0
         end.record(main)  # STREAM: fresh event; the caller's stream waits it
         return end
+
+
+class _SharedRows:
+    """K/V buffers of several layers that live in one CPU storage, seen as one matrix of
+    ``[*, D]`` rows, so blocks of many layers go in with one ``index_put_`` per K and V.
+
+    ``base[layer, 0 | 1]``: the row of that matrix where the layer's K | V buffer
+    (``[rows, H, D]``, contiguous) starts; ``-1`` for a layer outside the storage.
+    """
+
+    def __init__(self, flat: torch.Tensor, base: torch.Tensor, heads: int) -> None:
+        self.flat, self.base, self.heads = flat, base, heads
+
+    @classmethod
+    def of(cls, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]
+           ) -> _SharedRows | None:
+        """The shared view of the largest group of layers whose buffers share one storage
+        (None when no storage holds two layers, or a buffer's layout does not fit)."""
+        by_ptr: dict[int, list[int]] = {}
+        for i, (k, v) in enumerate(zip(k_buffers, v_buffers)):
+            if k.device.type != "cpu" or k.untyped_storage().data_ptr() != \
+                    v.untyped_storage().data_ptr():
+                continue
+            by_ptr.setdefault(k.untyped_storage().data_ptr(), []).append(i)
+        if not by_ptr:
+            return None
+        group = max(by_ptr.values(), key=len)
+        k0 = k_buffers[group[0]]
+        d, h = k0.shape[-1], k0.shape[1]
+        base = torch.full((len(k_buffers), 2), -1, dtype=torch.int64)
+        for i in group:
+            for j, t in enumerate((k_buffers[i], v_buffers[i])):
+                if (t.dim() != 3 or not t.is_contiguous() or t.dtype != k0.dtype
+                        or t.shape[1:] != k0.shape[1:] or t.storage_offset() % d):
+                    return None
+                base[i, j] = t.storage_offset() // d
+        if len(group) < 2:
+            return None
+        storage = k0.untyped_storage()
+        numel = storage.nbytes() // k0.element_size()
+        flat = torch.empty(0, dtype=k0.dtype).set_(storage, 0, (numel // d, d), (d, 1))
+        return cls(wide_int_view(flat), base, h)
+
+    def scatter(self, staging: torch.Tensor, base: torch.Tensor, dst_loc: torch.Tensor,
+                heads: torch.Tensor) -> None:
+        """``staging [n, 2, P, D]`` HND blocks -> rows ``dst_loc[i] + [0, P)``, column
+        ``heads[i]`` of the K and V buffers starting at rows ``base[i]`` (``[n, 2]``, rows of
+        ``self.base``); ``dst_loc``, ``heads`` ``[n]`` int64, CPU."""
+        p = staging.shape[2]
+        # [n, P] (row, head) vector index inside one layer's buffer
+        local = (dst_loc[:, None] + torch.arange(p)) * self.heads + heads[:, None]
+        for i in range(2):  # K, V
+            self.flat.index_put_((local + base[:, i:i + 1],), wide_int_view(staging[:, i]))
 
 
 def _scatter(staging: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,

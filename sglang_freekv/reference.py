@@ -99,8 +99,10 @@ class ReferenceDecoder:
         dense_rows = max_reqs * max_len
         rows = dense_rows + max_reqs * bp * p
         shape = (rows, num_kv_heads, head_dim)
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # one allocation for every layer's K and V, as the FreeKV pool does
+        kv = torch.zeros((num_layers, 2, *shape), dtype=dtype, device=device)
+        self.k_buffers = list(kv[:, 0].unbind(0))
+        self.v_buffers = list(kv[:, 1].unbind(0))
         self.req_to_token = (torch.arange(max_reqs)[:, None] * max_len
                              + torch.arange(max_len)).to(device)  # [max_reqs, max_len]
         max_pages = -(-max_len // p)

@@ -81,15 +81,22 @@ def run_step_job(cache: FreeKVCache, layers: list[int], inp: StepJobInputs) -> N
     b = v % bj
     host_ids = pt[b, rl.page[:n].clamp(min=0)]  # [n] layer-local host page ids
     dst_loc = inp.slot_loc[b, cache.g.sink_pages + slot]  # [n] int64 first slot row
-    heads = rl.head[:n]
-    counts = torch.bincount(v // bj, minlength=nl).tolist()
-    for fence in inp.fences:
-        fence.wait()  # SYNC: attention still reading slots of this step is done (race 5)
-    a = 0
-    for layer, m in zip(layers, counts):
-        if m:
-            hc = heads[a:a + m].cpu()
-            cache.recall.recall(layer, host_ids[a:a + m].cpu(), hc.to(torch.int32),
-                                dst_loc[a:a + m], mode="async", heads_cpu=hc)
-            a += m
+    layer_of = lt.index_select(0, v // bj)  # [n] model layer of each block (grouped by layer)
+    fence = _Fences(inp.fences) if inp.fences else None
+    # One gather + one scatter per K/V for every layer (CPU; the fences are waited between).
+    cache.recall.recall_layers(layer_of, host_ids, rl.head[:n].to(torch.int64), dst_loc,
+                               before_scatter=fence)
     cache.add_recall_stats(n)
+
+
+class _Fences:
+    """The step's ``attn_done`` fences as one ``.wait()`` object."""
+
+    __slots__ = ("fences",)
+
+    def __init__(self, fences: list[Any]) -> None:
+        self.fences = fences
+
+    def wait(self) -> None:
+        for fence in self.fences:
+            fence.wait()  # SYNC: attention still reading slots of this step is done (race 5)

@@ -50,6 +50,7 @@ import triton.language as tl
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    ScratchBuffers,
     check_positive_int,
     check_same_device,
     check_tensor,
@@ -331,6 +332,8 @@ def score_pages(
 
 # Pages per GEMM of cpu_score_pages (a multiple of 16 lanes): the same shape for every batch.
 _CHUNK = 16
+# cpu_score_pages' digest gather and GEMM operands (MBs for a step job): reused, not refaulted.
+_SCRATCH = ScratchBuffers()
 
 
 def cpu_score_pages(
@@ -381,13 +384,18 @@ def cpu_score_pages(
     lo_t = torch.tensor(lo, device=q.device)[:, None]
     hi_t = torch.tensor(hi, device=q.device)[:, None]
     valid &= (j >= lo_t) & (j < hi_t)
-    dg = digests.index_select(0, pt.reshape(-1).clamp(min=0))  # [bs*w, H, 2, D] (min, max)
-    dg = dg.float().view(bs, n, _CHUNK, h, 2 * head_dim).permute(0, 3, 1, 2, 4).contiguous()
+    dev = q.device
+    raw = _SCRATCH.get("digests", (bs * w, h, 2, head_dim), digests.dtype, dev)
+    torch.index_select(digests, 0, pt.reshape(-1).clamp(min=0), out=raw)  # (min, max) rows
+    # fp32 and head-major in one copy: [bs, H, n, C, 2D]
+    dg = _SCRATCH.get("digests_f32", (bs, h, n, _CHUNK, 2 * head_dim), torch.float32, dev)
+    dg.copy_(raw.view(bs, n, _CHUNK, h, 2 * head_dim).permute(0, 3, 1, 2, 4))
     qf = q.float().view(bs, h, g, head_dim) * scale  # [bs, H, G, D]
     q2 = torch.cat([qf.clamp(max=0.0), qf.clamp(min=0.0)], dim=-1)  # [bs, H, G, 2D]
     # [bs, H, 1, G, 2D] @ [bs, H, n, 2D, C] -> [bs, H, n, G, C]: scaled Quest bounds
-    s = torch.matmul(q2[:, :, None], dg.transpose(-1, -2))
-    s = s.permute(0, 1, 3, 2, 4).reshape(bs, h, g, w)  # [bs, H, G, w]
+    s = _SCRATCH.get("bounds", (bs, h, n, g, _CHUNK), torch.float32, dev)
+    torch.matmul(q2[:, :, None].expand(bs, h, n, g, 2 * head_dim), dg.transpose(-1, -2), out=s)
+    s = s.permute(0, 1, 3, 2, 4).reshape(bs, h, g, w)  # [bs, H, G, w] (a copy)
     keep = valid[:, None, None, :]
     s.masked_fill_(~keep, float("-inf"))
     probs = torch.softmax(s, dim=-1).mean(dim=2)  # [bs, H, w]; NaN where no candidate

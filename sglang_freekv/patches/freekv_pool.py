@@ -180,12 +180,21 @@ def pool_class(base: type) -> type:
 
         def _create_buffers_normal(self) -> None:
             rows_full = self.size + self.page_size
+            assert self.v_head_dim == self.head_dim
+            shape = (self.head_num, self.head_dim)
+            # The sparse layers' buffers are one allocation, so a CPU step job recalls the
+            # blocks of every layer with one scatter (FreeKVRecallEngine.recall_layers).
+            n_sparse = self.layer_num - len(self.dense_local)
+            sparse = torch.zeros((n_sparse, 2, self.rows.buffer_rows, *shape),
+                                 dtype=self.store_dtype, device=self.device)
             self.k_buffer, self.v_buffer = [], []
+            j = 0
             for i in range(self.layer_num):
-                rows = rows_full if i in self.dense_local else self.rows.buffer_rows
-                buf = torch.zeros((2, rows, self.head_num, self.head_dim),
-                                  dtype=self.store_dtype, device=self.device)
-                assert self.v_head_dim == self.head_dim
+                if i in self.dense_local:
+                    buf = torch.zeros((2, rows_full, *shape), dtype=self.store_dtype,
+                                      device=self.device)
+                else:
+                    buf, j = sparse[j], j + 1
                 self.k_buffer.append(buf[0])
                 self.v_buffer.append(buf[1])
 

@@ -15,16 +15,26 @@ and 7 (the Future).
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Callable
 
 import pytest
 import torch
 
+from sglang_freekv.kernels._common import ScratchBuffers
 from sglang_freekv.reference import ReferenceDecoder
 
 from .conftest import RuleChecker, make_cfg
 
 WAIT_S = 60  # a gate that is never opened is a test bug: fail instead of hanging
+
+
+class _SharedScratch(ScratchBuffers):
+    """Scratch buffers shared by every thread (the unprotected variant of race 8 on CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = types.SimpleNamespace()  # type: ignore[assignment]
 
 
 def _decoder(tau: float | None = None, job: str = "layer", **kw: object) -> ReferenceDecoder:
@@ -98,11 +108,12 @@ def _unprotect(dec: ReferenceDecoder, race: int) -> None:
             q, jr if jr is not None else torch.arange(plan.bs, device=q.device))
     elif race == 7:  # forget the job without waiting its Future
         cache._wait_job = lambda layer: cache._jobs.pop(layer, None)  # type: ignore[method-assign]
-    elif race == 8:  # two workers instead of one ordered worker
+    elif race == 8:  # two workers instead of one ordered worker, CPU staging not per thread
         eng = cache.recall
         eng.wait_all()
         eng._executor.shutdown(wait=True)
         eng._executor = eng._new_executor(2)
+        eng._scratch = _SharedScratch()
     elif race == 9:  # read the shared flags buffer later instead of a snapshot
         cache._job_head_mask = lambda step, pick: (None, step.flags)  # type: ignore[method-assign]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sglang_freekv.pool_host import FreeKVHostPool
-from sglang_freekv.recall import FreeKVRecallEngine
+from sglang_freekv.recall import FreeKVRecallEngine, _SharedRows
 
 from .conftest import HAS_CUDA
 
@@ -129,3 +129,42 @@ def test_rejects_bad_staging_count() -> None:
     pool = FreeKVHostPool(1, 2, 1, 2, 2, torch.float32, pin_memory=False)
     with pytest.raises(ValueError, match="num_staging"):
         FreeKVRecallEngine(pool, [], [], device="cpu", num_staging=3)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-storage", "per-layer"])
+def test_recall_layers_puts_each_block_in_its_layer(shared: bool) -> None:
+    """recall_layers (the CPU step job's copy): blocks of several layers in one call land
+    as per-layer recalls put them, with one scatter when the buffers share a storage and one
+    recall per layer when they do not."""
+    pool = FreeKVHostPool(L, PAGES, H, P, D, torch.bfloat16, pin_memory=False)
+    pool.kv.copy_(torch.randn(pool.kv.shape))
+    rows = 10 * P
+    if shared:
+        kv = torch.zeros((L, 2, rows, H, D), dtype=torch.bfloat16)
+        kb, vb = list(kv[:, 0].unbind(0)), list(kv[:, 1].unbind(0))
+    else:
+        kb = [torch.zeros(rows, H, D, dtype=torch.bfloat16) for _ in range(L)]
+        vb = [torch.zeros(rows, H, D, dtype=torch.bfloat16) for _ in range(L)]
+    eng = FreeKVRecallEngine(pool, kb, vb, device="cpu")
+    assert (eng._shared is not None) == shared
+    blocks = [_blocks(5, 10), _blocks(7, 11)]  # layer 0, layer 1 (grouped by layer)
+    layers = torch.cat([torch.full((5,), 0), torch.full((7,), 1)])
+    host_ids, head, dst = (torch.cat([b[i] for b in blocks]) for i in range(3))
+    fence = _Fence()
+    fence.opened.set()
+    eng.recall_layers(layers, host_ids, head, dst, before_scatter=fence)
+    assert fence.reached.is_set()
+    for layer, (h_ids, hd, ds) in enumerate(blocks):
+        _check(pool, kb, vb, layer, h_ids, hd, ds)
+    eng.close()
+
+
+def test_shared_rows_needs_one_storage_of_same_layout() -> None:
+    kv = torch.zeros((3, 2, 8, H, D))
+    shared = _SharedRows.of(list(kv[:, 0].unbind(0)), list(kv[:, 1].unbind(0)))
+    assert shared is not None
+    assert shared.base.tolist() == [[0, 8 * H], [16 * H, 24 * H], [32 * H, 40 * H]]
+    alone = [torch.zeros(8, H, D) for _ in range(3)]
+    assert _SharedRows.of(alone, [torch.zeros(8, H, D) for _ in range(3)]) is None
+    # a layer whose buffer is not [rows, H, D] contiguous: no shared view
+    assert _SharedRows.of([kv[0, 0], kv[1, 0][:, :1]], [kv[0, 1], kv[1, 1][:, :1]]) is None
