@@ -34,6 +34,7 @@ from sglang_freekv.cache_ops import (
     write_prompt,
 )
 from sglang_freekv.config import FreeKVConfig
+from sglang_freekv.kernels.select import CpuScoreWindow, cpu_select_window, plan_cpu_window
 from sglang_freekv.layout import BudgetGeometry
 from sglang_freekv.plan import FreeKVDecodePlan, build_plan
 from sglang_freekv.pool_host import FreeKVHostPool
@@ -121,6 +122,9 @@ class FreeKVCache:
         self._jobs: dict[int, Future[Any]] = {}
         self._step_fences: list[Any] = []  # this step's attn_done fences (step job, CPU)
         self._steps: dict[int, _LayerStep] = {}
+        # CPU: the candidate window of the current step's plan, shared by its corrections
+        self._window_plan: FreeKVDecodePlan | None = None
+        self._window: CpuScoreWindow | None = None
         self._lock = threading.Lock()
         self._stats = {"recall_bytes": 0, "recalled_pages": 0, "checked_heads": 0,
                        "corrected_heads": 0}
@@ -339,6 +343,13 @@ class FreeKVCache:
         else:
             rows_flag = [[sp] * h for sp in plan.sparse_list]
         n_flag = sum(map(sum, rows_flag))
+        with self._lock:
+            self._stats["checked_heads"] += n_checked
+            self._stats["corrected_heads"] += n_corr
+            self.checks_per_layer[layer] += n_checked
+            self.corrections_per_layer[layer] += n_corr
+        if n_flag == 0 and self._step_job:
+            return  # nothing to select, and the step job reads no flags (race 9)
         buf = self._flags_buf[:bs]
         # REUSE: the shared flags buffer was last read by the previous layer's head_mask
         # snapshot, enqueued on this same stream before this copy (stream order). On GPUs this
@@ -346,22 +357,30 @@ class FreeKVCache:
         buf.copy_(torch.tensor(rows_flag, dtype=torch.bool).view(bs, h))
         step = _LayerStep(flags=buf)
         self._steps[layer] = step
-        with self._lock:
-            self._stats["checked_heads"] += n_checked
-            self._stats["corrected_heads"] += n_corr
-            self.checks_per_layer[layer] += n_checked
-            self.corrections_per_layer[layer] += n_corr
         if n_flag == 0:
             return
-        sel, scores = select_batch(q, self.digests[layer], plan.page_table, plan.cand_start,
-                                   plan.cand_end, plan.sparse, h, self.cfg.top_k,
-                                   self.score_scale, span_weight=self.cfg.span_weight)
+        sel, scores = self._select_now(layer, plan, q)
         step.sel, step.scores = sel, scores
         end = apply_selection(self, layer, plan.req_rows, plan.slot_loc, plan.page_table, sel,
                               scores, buf, mode="sync", before_scatter=None)
         if end is not None:
             # STREAM: attention (current stream) reads the slots after the sync recall.
             torch.cuda.current_stream(self.device).wait_event(end)
+
+    def _select_now(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select ``layer``'s pages with this step's ``q`` (a correction, or a layer out of
+        the job). On CPU the candidate window is planned once per step for every layer."""
+        if self.device.type != "cpu":
+            return select_batch(q, self.digests[layer], plan.page_table, plan.cand_start,
+                                plan.cand_end, plan.sparse, self.num_kv_heads, self.cfg.top_k,
+                                self.score_scale, span_weight=self.cfg.span_weight)
+        if self._window_plan is not plan:  # engine thread only: no lock
+            ends = torch.where(plan.sparse, plan.cand_end, plan.cand_start)  # [bs] int32
+            self._window = plan_cpu_window(plan.page_table, plan.cand_start, ends)
+            self._window_plan = plan
+        return cpu_select_window(self._window, q, self.digests[layer], self.num_kv_heads,
+                                 self.cfg.top_k, self.score_scale, self.cfg.span_weight)
 
     def after_attention(
         self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor, attn_done: Any = None
@@ -475,10 +494,12 @@ class FreeKVCache:
                  zip(plan.sparse_list, plan.rows_list, plan.seq_lens_list)]
         if self.cfg.tau is None or not any(valid):
             return valid, None
-        from sglang_freekv.kernels.correct import correction_flags
+        from sglang_freekv.kernels.correct import correction_flags, cpu_drift_flags
 
-        corr, _ = correction_flags(q, self.last_q[layer, plan.req_rows], self.num_kv_heads,
-                                   float(self.cfg.tau))
+        last_q = self.last_q[layer].index_select(0, plan.req_rows)  # [bs, Hq, D]
+        if self.device.type == "cpu":  # the same flags without the checks (every layer)
+            return valid, cpu_drift_flags(q, last_q, self.num_kv_heads, float(self.cfg.tau))
+        corr, _ = correction_flags(q, last_q, self.num_kv_heads, float(self.cfg.tau))
         # SYNC (host-driven step only; the device step has its own flags): the flags decide
         # whether to select/recall before attention.
         return valid, corr.tolist()

@@ -159,6 +159,21 @@ def cpu_correction_flags(
     return sim < tau, sim
 
 
+def cpu_drift_flags(
+    q: torch.Tensor,
+    last_q: torch.Tensor,
+    num_kv_heads: int,
+    tau: float,
+) -> list[list[bool]]:
+    """The ``[bs][H]`` flags of :func:`cpu_correction_flags` as Python lists, without its
+    argument checks: the CPU engine's per-layer hot path (every sparse layer of every step),
+    whose caller passes tensors it built itself. Same computation, same flags."""
+    bs, num_qo_heads, _ = q.shape
+    cos = torch.nn.functional.cosine_similarity(q.float(), last_q.float(), dim=-1, eps=1e-12)
+    sim = cos.view(bs, num_kv_heads, num_qo_heads // num_kv_heads).mean(-1)  # [bs, H] fp32
+    return (sim < tau).tolist()
+
+
 def ref_correction_flags(
     q: torch.Tensor,
     last_q: torch.Tensor,

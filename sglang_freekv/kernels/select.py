@@ -336,6 +336,133 @@ _CHUNK = 16
 _SCRATCH = ScratchBuffers()
 
 
+class CpuScoreWindow:
+    """Plan of :func:`cpu_score_pages` for one batch's candidates: the window of logical
+    pages ``[a, a + n * _CHUNK)`` that holds every candidate, the host page rows it gathers
+    and the candidate mask. It depends on the page table and the ranges only, so one decode
+    step builds it once and scores every layer with it (:func:`cpu_window_scores`).
+
+    Fields: ``bs``, ``max_pages``; ``a``, ``n`` (chunks; ``n == 0``: no candidate);
+    ``rows [bs * w] int64`` host page ids of the window (0 where none); ``keep [bs, w]``
+    bool, candidates.
+    """
+
+    __slots__ = ("bs", "max_pages", "a", "n", "rows", "keep")
+
+    def __init__(self, bs: int, max_pages: int, a: int, n: int, rows: torch.Tensor,
+                 keep: torch.Tensor) -> None:
+        self.bs, self.max_pages, self.a, self.n, self.rows, self.keep = (
+            bs, max_pages, a, n, rows, keep)
+
+    @property
+    def width(self) -> int:
+        return self.n * _CHUNK
+
+
+def plan_cpu_window(page_table: torch.Tensor, cand_start: torch.Tensor,
+                    cand_end: torch.Tensor) -> CpuScoreWindow:
+    """The :class:`CpuScoreWindow` of ``page_table [bs, max_pages]`` int32/int64 and the
+    ranges ``cand_start``/``cand_end [bs]`` int32/int64 (same device, unchecked: callers
+    validate). One host read of the ranges (free on CPU, a sync on CUDA)."""
+    bs, max_pages = page_table.shape
+    dev = page_table.device
+    empty = CpuScoreWindow(bs, max_pages, 0, 0, page_table.new_zeros(0, dtype=torch.int64),
+                           torch.zeros((bs, 0), dtype=torch.bool, device=dev))
+    if bs == 0 or max_pages == 0:
+        return empty
+    # SYNC (free on CPU): the ranges as Python ints, clipped to [0, max_pages).
+    lo = [min(max(x, 0), max_pages) for x in cand_start.tolist()]
+    hi = [max(min(x, max_pages), a) for x, a in zip(cand_end.tolist(), lo)]
+    a, b = min(lo), max(hi)
+    if b <= a:
+        return empty
+    # Batch invariance: the window [a, b) depends on the batch, and a GEMM's rows change in
+    # their last bits with its width (MKL picks its blocking by shape), which can flip a
+    # near-tie of the top-k. So the window is cut into chunks of _CHUNK pages aligned to page
+    # 0, each one small GEMM of the same shape: a page's score is the same alone or in any
+    # batch (docs/design.md "Batch invariance").
+    a = a - a % _CHUNK
+    n = -(-(b - a) // _CHUNK)  # chunks
+    w = n * _CHUNK
+    pt = page_table[:, a:a + w]  # [bs, <= w] host page ids of the window
+    if pt.shape[1] < w:  # past the table's end: no page
+        pt = torch.cat([pt, pt.new_full((bs, w - pt.shape[1]), -1)], dim=1)
+    keep = pt >= 0  # [bs, w]
+    j = torch.arange(a, a + w, device=dev)
+    keep &= (j >= torch.tensor(lo, device=dev)[:, None]) & (j < torch.tensor(hi, device=dev)[:, None])
+    return CpuScoreWindow(bs, max_pages, a, n, pt.reshape(-1).clamp(min=0).to(torch.int64),
+                          keep)
+
+
+def cpu_window_scores(
+    win: CpuScoreWindow,
+    q: torch.Tensor,
+    digests: torch.Tensor,
+    num_kv_heads: int,
+    scale: float,
+    span_weight: float,
+) -> torch.Tensor:
+    """Scores of the pages of ``win`` (unchecked: callers validate): ``q [bs, Hq, D]``,
+    ``digests [num_host_pages, H, 2, D]`` as in :func:`score_pages`. Returns ``[bs, H, w]``
+    fp32 (a new tensor), position ``i`` = logical page ``win.a + i``, ``-inf`` off the
+    candidates."""
+    bs, num_qo_heads, head_dim = q.shape
+    h, g = num_kv_heads, num_qo_heads // num_kv_heads
+    n, w, dev = win.n, win.width, q.device
+    raw = _SCRATCH.get("digests", (bs * w, h, 2, head_dim), digests.dtype, dev)
+    torch.index_select(digests, 0, win.rows, out=raw)  # (min, max) rows
+    # fp32 and head-major in one copy: [bs, H, n, C, 2D]
+    dg = _SCRATCH.get("digests_f32", (bs, h, n, _CHUNK, 2 * head_dim), torch.float32, dev)
+    dg.copy_(raw.view(bs, n, _CHUNK, h, 2 * head_dim).permute(0, 3, 1, 2, 4))
+    qf = q.float().view(bs, h, g, head_dim) * scale  # [bs, H, G, D]
+    q2 = torch.cat([qf.clamp(max=0.0), qf.clamp(min=0.0)], dim=-1)  # [bs, H, G, 2D]
+    # [bs, H, 1, G, 2D] @ [bs, H, n, 2D, C] -> [bs, H, n, G, C]: scaled Quest bounds
+    s = _SCRATCH.get("bounds", (bs, h, n, g, _CHUNK), torch.float32, dev)
+    torch.matmul(q2[:, :, None].expand(bs, h, n, g, 2 * head_dim), dg.transpose(-1, -2), out=s)
+    s = s.permute(0, 1, 3, 2, 4).reshape(bs, h, g, w)  # [bs, H, G, w] (a copy)
+    drop = ~win.keep[:, None, :]  # [bs, 1, w]
+    s.masked_fill_(drop[:, :, None], float("-inf"))
+    probs = torch.softmax(s, dim=-1).mean(dim=2)  # [bs, H, w]; NaN where no candidate
+    probs.masked_fill_(drop, float("-inf"))
+    # span continuation over the window (page a - 1 is nobody's candidate)
+    return _span_boost(probs, span_weight)
+
+
+def cpu_window_top_k(win: CpuScoreWindow, scores: torch.Tensor, top_k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_top_k` of window scores ``[bs, H, w]`` (:func:`cpu_window_scores`): the
+    same ``(page_indices [bs, H, top_k] int32, page_scores fp32)`` as over the full
+    ``[bs, H, max_pages]`` scores (positions offset by ``win.a``)."""
+    bs, h, w = scores.shape
+    k = min(top_k, w)
+    vals, idx = torch.topk(scores, k, dim=-1)  # [bs, H, k] (sorted, descending)
+    idx = torch.where(vals == float("-inf"), -1, idx + win.a).to(torch.int32)
+    if k < top_k:
+        pad = (bs, h, top_k - k)
+        vals = torch.cat([vals, vals.new_full(pad, float("-inf"))], dim=-1)
+        idx = torch.cat([idx, idx.new_full(pad, -1)], dim=-1)
+    return idx.contiguous(), vals.contiguous()
+
+
+def cpu_select_window(
+    win: CpuScoreWindow,
+    q: torch.Tensor,
+    digests: torch.Tensor,
+    num_kv_heads: int,
+    top_k: int,
+    scale: float,
+    span_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_pages` on CPU with a planned window (unchecked: callers validate; a
+    decode step plans once and selects every layer's corrections with it)."""
+    if win.n == 0:
+        shape = (win.bs, num_kv_heads, top_k)
+        return (torch.full(shape, -1, dtype=torch.int32, device=q.device),
+                torch.full(shape, float("-inf"), device=q.device))
+    scores = cpu_window_scores(win, q, digests, num_kv_heads, scale, span_weight)
+    return cpu_window_top_k(win, scores, top_k)
+
+
 def cpu_score_pages(
     q: torch.Tensor,
     digests: torch.Tensor,
@@ -350,59 +477,22 @@ def cpu_score_pages(
 
     Same arguments and result. Assumes ``min <= max`` in every digest (``page_digest``
     guarantees it): the Quest bound is then ``min(q, 0) . min + max(q, 0) . max``, one
-    matmul over the candidate window ``[min cand_start, max cand_end)`` of the batch.
+    matmul over the candidate window ``[min cand_start, max cand_end)`` of the batch
+    (:func:`plan_cpu_window`, then :func:`cpu_window_scores`).
     One host read of that window (free on CPU, a sync on CUDA).
     """
     _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
     _check_scale(scale)
     _check_span_weight(span_weight)
-    bs, num_qo_heads, head_dim = q.shape
+    bs = q.shape[0]
     max_pages = page_table.shape[1]
-    h, g = num_kv_heads, num_qo_heads // num_kv_heads
-    out = torch.full((bs, h, max_pages), float("-inf"), device=q.device)
-    if bs == 0 or max_pages == 0:
+    out = torch.full((bs, num_kv_heads, max_pages), float("-inf"), device=q.device)
+    win = plan_cpu_window(page_table, cand_start, cand_end)
+    if win.n == 0:
         return out
-    # SYNC (free on CPU): the ranges as Python ints, clipped to [0, max_pages).
-    lo = [min(max(x, 0), max_pages) for x in cand_start.tolist()]
-    hi = [max(min(x, max_pages), a) for x, a in zip(cand_end.tolist(), lo)]
-    a, b = min(lo), max(hi)
-    if b <= a:
-        return out
-    # Batch invariance: the window [a, b) depends on the batch, and a GEMM's rows change in
-    # their last bits with its width (MKL picks its blocking by shape), which can flip a
-    # near-tie of the top-k. So the window is cut into chunks of _CHUNK pages aligned to page
-    # 0, each one small GEMM of the same shape: a page's score is the same alone or in any
-    # batch (docs/design.md "Batch invariance").
-    a = a - a % _CHUNK
-    n = -(-(b - a) // _CHUNK)  # chunks
-    w = n * _CHUNK
-    pt = page_table[:, a:a + w]  # [bs, <= w] host page ids of the window
-    if pt.shape[1] < w:  # past the table's end: no page
-        pt = torch.cat([pt, pt.new_full((bs, w - pt.shape[1]), -1)], dim=1)
-    valid = pt >= 0  # [bs, w]
-    j = torch.arange(a, a + w, device=q.device)
-    lo_t = torch.tensor(lo, device=q.device)[:, None]
-    hi_t = torch.tensor(hi, device=q.device)[:, None]
-    valid &= (j >= lo_t) & (j < hi_t)
-    dev = q.device
-    raw = _SCRATCH.get("digests", (bs * w, h, 2, head_dim), digests.dtype, dev)
-    torch.index_select(digests, 0, pt.reshape(-1).clamp(min=0), out=raw)  # (min, max) rows
-    # fp32 and head-major in one copy: [bs, H, n, C, 2D]
-    dg = _SCRATCH.get("digests_f32", (bs, h, n, _CHUNK, 2 * head_dim), torch.float32, dev)
-    dg.copy_(raw.view(bs, n, _CHUNK, h, 2 * head_dim).permute(0, 3, 1, 2, 4))
-    qf = q.float().view(bs, h, g, head_dim) * scale  # [bs, H, G, D]
-    q2 = torch.cat([qf.clamp(max=0.0), qf.clamp(min=0.0)], dim=-1)  # [bs, H, G, 2D]
-    # [bs, H, 1, G, 2D] @ [bs, H, n, 2D, C] -> [bs, H, n, G, C]: scaled Quest bounds
-    s = _SCRATCH.get("bounds", (bs, h, n, g, _CHUNK), torch.float32, dev)
-    torch.matmul(q2[:, :, None].expand(bs, h, n, g, 2 * head_dim), dg.transpose(-1, -2), out=s)
-    s = s.permute(0, 1, 3, 2, 4).reshape(bs, h, g, w)  # [bs, H, G, w] (a copy)
-    keep = valid[:, None, None, :]
-    s.masked_fill_(~keep, float("-inf"))
-    probs = torch.softmax(s, dim=-1).mean(dim=2)  # [bs, H, w]; NaN where no candidate
-    probs.masked_fill_(~keep[:, :, 0], float("-inf"))
-    # span continuation over the window (page a - 1 is nobody's candidate)
-    _span_boost(probs, span_weight)
-    end = min(a + w, max_pages)
+    probs = cpu_window_scores(win, q, digests, num_kv_heads, scale, span_weight)
+    a = win.a
+    end = min(a + win.width, max_pages)
     out[:, :, a:end] = probs[:, :, :end - a]
     return out
 
@@ -452,6 +542,13 @@ def select_pages(
     No host sync on the Triton path (``torch.topk`` stays on the device).
     """
     check_positive_int("top_k", top_k)
+    if head_mask is None and resolve_impl_cpu(impl, q) == "cpu":
+        # CPU serving path: top-k over the candidate window only (same result)
+        _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+        _check_scale(scale)
+        _check_span_weight(span_weight)
+        win = plan_cpu_window(page_table, cand_start, cand_end)
+        return cpu_select_window(win, q, digests, num_kv_heads, top_k, scale, span_weight)
     scores = score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, impl=impl,
                          scale=scale, span_weight=span_weight, head_mask=head_mask)
     return _top_k(scores, top_k)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import sglang_freekv.kernels.correct as correct_mod
 from sglang_freekv.kernels import correction_flags, cpu_correction_flags, ref_correction_flags
+from sglang_freekv.kernels.correct import cpu_drift_flags
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ATOL, RTOL = 1e-5, 1e-5
@@ -57,6 +58,8 @@ def test_cpu_path_matches_ref(group_size: int, head_dim: int, dtype: str) -> Non
     assert torch.equal(flags, sim < TAU)
     near = (ref_sim - TAU).abs() < 1e-4
     assert torch.equal(flags[~near], ref_flags[~near])
+    # the engine's unchecked per-layer variant gives exactly these flags
+    assert cpu_drift_flags(q, last_q, 3, TAU) == flags.tolist()
 
 
 @pytest.mark.parametrize("group_size", [1, 4], ids=lambda g: f"G{g}")
