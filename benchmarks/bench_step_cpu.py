@@ -17,7 +17,9 @@ Configurations (each measured in interleaved rounds, one process):
 - ``freekv_sync``: the same, ``"speculative": false``;
 - ``default``: attention over the whole context, no FreeKV, at ``--context``;
 - ``default_short``: the same at ``--short-context`` (the ceiling: attention over about the
-  budget's rows).
+  budget's rows);
+- ``freekv_short``: FreeKV (speculative) at ``--short-context`` (below the budget: the
+  dense regime, where FreeKV should cost nothing).
 
 Keys are random; each step's query is ``base + sigma * noise`` with ``sigma`` 0.3 on most
 (step, layer) pairs and 1.2 on ``--drift`` of them, so that about a fifth of the heads are
@@ -56,7 +58,7 @@ from sglang_freekv.reference import ReferenceDecoder  # noqa: E402
 LAYERS, HQ, H, D = 30, 9, 3, 64
 HIDDEN, MLP, VOCAB = 576, 1536, 49152
 COUNTERS = ("checked_heads", "corrected_heads", "recalled_pages")
-CONFIGS = ("freekv", "freekv_sync", "default", "default_short")
+CONFIGS = ("freekv", "freekv_sync", "default", "default_short", "freekv_short")
 
 
 class SyntheticModel:
@@ -224,7 +226,7 @@ def main() -> None:
         job_s.append(time.perf_counter() - t)
 
     cache_mod.run_step_job = timed_job  # type: ignore[assignment]
-    runs = {c: Run(c, args.short_context if c == "default_short" else args.context, args,
+    runs = {c: Run(c, args.short_context if c.endswith("_short") else args.context, args,
                    model, dtype) for c in configs}
     jobs: dict[str, list[float]] = {c: [] for c in configs}
     try:
@@ -258,7 +260,8 @@ def main() -> None:
 
     for name, a, b in (("freekv_over_default", "freekv", "default"),
                        ("ceiling", "freekv", "default_short"),
-                       ("speculative_over_synchronous", "freekv", "freekv_sync")):
+                       ("speculative_over_synchronous", "freekv", "freekv_sync"),
+                       ("short_freekv_over_default", "freekv_short", "default_short")):
         ta, tb = tok(a), tok(b)
         if ta is not None and tb is not None:
             ratios[name] = ta / tb
