@@ -13,7 +13,7 @@ import torch
 
 from sglang_freekv.layout import BudgetGeometry
 from sglang_freekv.pool_host import FreeKVHostPool
-from sglang_freekv.retrieval import residency_diff
+from sglang_freekv.retrieval import LIST_WALK_MAX_ROWS, diff_walk, residency_diff
 
 if TYPE_CHECKING:
     from sglang_freekv.cache import FreeKVCache
@@ -183,6 +183,10 @@ def apply_selection(
     Returns the recall's end event on CUDA (None on CPU or when nothing was recalled).
     """
     res = cache.residency[layer][rows]  # [b, H, k] int32
+    if cache.device.type == "cpu" and sel.shape[0] * sel.shape[1] <= LIST_WALK_MAX_ROWS:
+        _apply_walk(cache, layer, rows, slot_loc, page_table, sel, scores, res, head_mask,
+                    mode=mode, before_scatter=before_scatter)
+        return None
     rl, new_res = residency_diff(sel, scores, res, head_mask)
     cache.residency[layer].index_copy_(0, rows, new_res)
     if rl.batch.numel() == 0:
@@ -199,3 +203,37 @@ def apply_selection(
                               before_scatter=before_scatter, heads_cpu=packed[1, :n])
     cache.add_recall_stats(n)
     return end
+
+
+def _apply_walk(
+    cache: FreeKVCache,
+    layer: int,
+    rows: torch.Tensor,
+    slot_loc: torch.Tensor,
+    page_table: torch.Tensor,
+    sel: torch.Tensor,
+    scores: torch.Tensor,
+    res: torch.Tensor,
+    head_mask: torch.Tensor,
+    *,
+    mode: str,
+    before_scatter: Any,
+) -> None:
+    """:func:`apply_selection` for a few CPU rows (a correction): the diff, the host page
+    ids and the destination rows in Python lists, one tensor each for the recall (about a
+    third of the ops of the tensor path; same blocks, same order)."""
+    out, new_res = diff_walk(sel, scores, res, head_mask)
+    cache.residency[layer].index_copy_(0, rows, torch.tensor(new_res, dtype=torch.int32))
+    n = len(out[0])
+    if n == 0:
+        return
+    batch, heads, slots, pages = out
+    pt = page_table.tolist()  # [b][max_pages] host page ids
+    sl = slot_loc.tolist()  # [b][budget_pages] first device row of each slot
+    ns = cache.g.sink_pages
+    host_ids = torch.tensor([pt[b][p] for b, p in zip(batch, pages)], dtype=torch.int64)
+    dst_loc = torch.tensor([sl[b][ns + j] for b, j in zip(batch, slots)], dtype=torch.int64)
+    heads_t = torch.tensor(heads, dtype=torch.int64)
+    cache.recall.recall(layer, host_ids, heads_t, dst_loc, mode=mode,
+                        before_scatter=before_scatter, heads_cpu=heads_t)
+    cache.add_recall_stats(n)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RecallList", "residency_diff", "select_batch"]
+__all__ = ["RecallList", "diff_walk", "residency_diff", "select_batch"]
 
 
 def select_batch(
@@ -169,6 +169,25 @@ def _diff_lists(
     """:func:`residency_diff`'s rule as a walk over (request, head) rows (same results; the
     recall list in the same (request, head, selection position) order, unpadded)."""
     bs, h, k = sel.shape
+    out, ress = diff_walk(sel, sel_scores, residency, head_mask, resident_scores)
+    dev = sel.device
+    cols = [torch.tensor(c, dtype=torch.int64, device=dev) for c in out]
+    recall = RecallList(batch=cols[0], head=cols[1], slot=cols[2], page=cols[3],
+                        count=torch.tensor([len(out[0])], dtype=torch.int64, device=dev))
+    return recall, torch.tensor(ress, dtype=torch.int32, device=dev).view(bs, h, k)
+
+
+def diff_walk(
+    sel: torch.Tensor,
+    sel_scores: torch.Tensor,
+    residency: torch.Tensor,
+    head_mask: torch.Tensor,
+    resident_scores: torch.Tensor | None = None,
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """The list walk of :func:`residency_diff` (arguments as there), results as Python
+    lists: ``([batch, head, slot, page] columns of the recall list, new residency
+    [bs][H][k])``; for CPU callers that go on in Python (a correction's few blocks)."""
+    bs, h, _ = sel.shape
     sels, scs, ress = sel.tolist(), sel_scores.tolist(), residency.tolist()
     masks = head_mask.tolist()
     rss = resident_scores.tolist() if resident_scores is not None else None
@@ -195,8 +214,4 @@ def _diff_lists(
                 res[slot_of[i]] = s[i]
                 for col, v in zip(out, (b, x, slot_of[i], s[i])):
                     col.append(v)
-    dev = sel.device
-    cols = [torch.tensor(c, dtype=torch.int64, device=dev) for c in out]
-    recall = RecallList(batch=cols[0], head=cols[1], slot=cols[2], page=cols[3],
-                        count=torch.tensor([len(out[0])], dtype=torch.int64, device=dev))
-    return recall, torch.tensor(ress, dtype=torch.int32, device=dev).view(bs, h, k)
+    return out, ress
