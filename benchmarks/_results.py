@@ -208,6 +208,27 @@ def plot_select(rows: Sequence[Mapping[str, Any]], *, subtitle: str = "") -> Fig
     return fig
 
 
+def plot_step(configs: Mapping[str, Mapping[str, float]], *, subtitle: str = "") -> Figure:
+    """Median decode step time per configuration (bench_step_cpu ``configs[name]`` medians
+    with ``step_ms`` and ``hooks_ms``), split into FreeKV's hooks on the engine's thread
+    and the rest (model, attention, the step job's share of the cores)."""
+    fig, ax = _figure("Synthetic decode step, ms (lower is better)"
+                      + (f"\n{subtitle}" if subtitle else ""))
+    names = list(configs)
+    hooks = [configs[n]["hooks_ms"] for n in names]
+    rest = [configs[n]["step_ms"] - h for n, h in zip(names, hooks)]
+    ax.bar(names, rest, color="#4C72B0", label="model, attention, rest")
+    ax.bar(names, hooks, bottom=rest, color="#DD8452", label="FreeKV hooks (engine thread)")
+    for i, n in enumerate(names):
+        ax.text(i, configs[n]["step_ms"], f"{configs[n]['step_ms']:.1f}", ha="center",
+                va="bottom", fontsize=9)
+    ax.set_ylim(0, max(configs[n]["step_ms"] for n in names) * 1.15)
+    ax.set_ylabel("ms per step")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(fontsize=9, loc="upper left")
+    return fig
+
+
 def plot_passkey(cases: Sequence[Mapping[str, Any]], *, subtitle: str = "") -> Figure:
     """Pass keys found (green) or missed (red) by context and depth (passkey_sim cases with
     ``n_tokens``, ``depth`` and ``found``)."""
@@ -268,7 +289,7 @@ def plot_concurrency(rows: Sequence[Mapping[str, Any]], *, device_memory_gb: flo
 # ---------------------------------------------------------------------------- re-plotting
 def replot(path: Path | str) -> Path:
     """Draw ``<path>.png`` again from a result JSON of bench_decode, bench_recall,
-    bench_select or passkey_sim (e.g. after changing a plot); returns the PNG's path."""
+    bench_select, bench_step_cpu or passkey_sim (e.g. after changing a plot); returns the PNG's path."""
     path = Path(path)
     result = json.loads(path.read_text())
     kind = result.get("benchmark")
@@ -277,6 +298,11 @@ def replot(path: Path | str) -> Path:
         sub = f"SmolLM2-135M {dtype}, {result.get('cpus')} CPUs, " \
               f"{result.get('new_tokens')} new tokens x {result.get('repeats')} runs"
         fig = plot_decode(result["rows"], subtitle=sub)
+    elif kind == "bench_step_cpu":
+        sub = (f"{result['dtype']}, context {result['context']} / short "
+               f"{result['short_context']}, batch {result['batch']}, "
+               f"{result['threads']} threads")
+        fig = plot_step({c: v["median"] for c, v in result["configs"].items()}, subtitle=sub)
     elif kind == "passkey_sim":
         fig = plot_passkey(result["cases"], subtitle=f"{result['mode']} budget {result['budget']}")
     elif "gbps" in result:

@@ -28,7 +28,8 @@ corrected per step, as in the server at 6.5K (docs/design.md, "Where a CPU decod
     python benchmarks/bench_step_cpu.py [--context 6500] [--short-context 1000] [--batch 1]
         [--steps 24] [--warmup 6] [--rounds 3] [--drift 0.15] [--dtype bfloat16]
 
-Prints and writes ``benchmarks/results/<--out>.json`` (default ``bench_step_cpu``): per
+Prints and writes ``benchmarks/results/<--out>.json`` and ``.png`` (default
+``bench_step_cpu``): per
 configuration the median step time and tokens/s, FreeKV's time on the engine thread (hooks,
 of which waiting the speculative job), the step job's time on the worker, the checked /
 corrected heads and recalled (page, head) blocks per step, and the ratios the issue's bars
@@ -49,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from _results import write_results  # noqa: E402
+from _results import plot_step, write_results  # noqa: E402
 
 import sglang_freekv.cache as cache_mod  # noqa: E402
 from sglang_freekv.config import FreeKVConfig  # noqa: E402
@@ -272,7 +273,10 @@ def main() -> None:
         "warmup": args.warmup, "rounds": args.rounds, "drift": args.drift,
         "dtype": args.dtype, "layers": LAYERS, "qo_heads": HQ, "kv_heads": H, "head_dim": D,
         "hidden": HIDDEN, "mlp": MLP, "vocab": VOCAB, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "configs": out, "ratios": ratios})
+        "torch": torch.__version__, "configs": out, "ratios": ratios},
+        plot=lambda: plot_step({c: v["median"] for c, v in out.items()}, subtitle=(
+            f"{args.dtype}, context {args.context} / short {args.short_context}, batch "
+            f"{args.batch}, {torch.get_num_threads()} threads")))
 
 
 if __name__ == "__main__":
