@@ -350,6 +350,11 @@ class FreeKVCache:
             self.corrections_per_layer[layer] += n_corr
         if n_flag == 0 and self._step_job:
             return  # nothing to select, and the step job reads no flags (race 9)
+        if self._step_job and self.device.type == "cpu" and bs > 1:
+            # CPU step job: select and recall only the requests with a flagged head (the
+            # others keep the job's selection; nothing reads this layer's sel_t later)
+            self._correct_rows(layer, plan, q, rows_flag)
+            return
         buf = self._flags_buf[:bs]
         # REUSE: the shared flags buffer was last read by the previous layer's head_mask
         # snapshot, enqueued on this same stream before this copy (stream order). On GPUs this
@@ -367,6 +372,30 @@ class FreeKVCache:
             # STREAM: attention (current stream) reads the slots after the sync recall.
             torch.cuda.current_stream(self.device).wait_event(end)
 
+    def _correct_rows(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor,
+                      rows_flag: list[list[bool]]) -> None:
+        """CPU, step job: select with ``q`` and recall for the batch positions with a
+        flagged head only (``rows_flag [bs][H]``; unflagged heads of those keep their
+        pages through the head mask)."""
+        pos = [b for b, heads in enumerate(rows_flag) if any(heads)]
+        idx = torch.tensor(pos, dtype=torch.int64)
+        win = self._plan_window(plan).take(idx)
+        sel, scores = cpu_select_window(win, q.index_select(0, idx), self.digests[layer],
+                                        self.num_kv_heads, self.cfg.top_k, self.score_scale,
+                                        self.cfg.span_weight)
+        mask = torch.tensor([rows_flag[b] for b in pos], dtype=torch.bool)  # [b', H]
+        apply_selection(self, layer, plan.req_rows.index_select(0, idx),
+                        plan.slot_loc.index_select(0, idx), plan.page_table.index_select(0, idx),
+                        sel, scores, mask, mode="sync", before_scatter=None)
+
+    def _plan_window(self, plan: FreeKVDecodePlan) -> CpuScoreWindow:
+        """The CPU candidate window of ``plan`` (built at its first correction)."""
+        if self._window_plan is not plan or self._window is None:  # engine thread: no lock
+            ends = torch.where(plan.sparse, plan.cand_end, plan.cand_start)  # [bs] int32
+            self._window = plan_cpu_window(plan.page_table, plan.cand_start, ends)
+            self._window_plan = plan
+        return self._window
+
     def _select_now(self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Select ``layer``'s pages with this step's ``q`` (a correction, or a layer out of
@@ -375,12 +404,9 @@ class FreeKVCache:
             return select_batch(q, self.digests[layer], plan.page_table, plan.cand_start,
                                 plan.cand_end, plan.sparse, self.num_kv_heads, self.cfg.top_k,
                                 self.score_scale, span_weight=self.cfg.span_weight)
-        if self._window_plan is not plan:  # engine thread only: no lock
-            ends = torch.where(plan.sparse, plan.cand_end, plan.cand_start)  # [bs] int32
-            self._window = plan_cpu_window(plan.page_table, plan.cand_start, ends)
-            self._window_plan = plan
-        return cpu_select_window(self._window, q, self.digests[layer], self.num_kv_heads,
-                                 self.cfg.top_k, self.score_scale, self.cfg.span_weight)
+        return cpu_select_window(self._plan_window(plan), q, self.digests[layer],
+                                 self.num_kv_heads, self.cfg.top_k, self.score_scale,
+                                 self.cfg.span_weight)
 
     def after_attention(
         self, layer: int, plan: FreeKVDecodePlan, q: torch.Tensor, attn_done: Any = None
@@ -532,10 +558,10 @@ class FreeKVCache:
 
     # ------------------------------------------------------------------ jobs
     def _queue_step_job(self, layer: int, plan: FreeKVDecodePlan, attn_done: Any) -> None:
-        """Step job mode: keep the layer's fence; after the last sparse layer, submit one
-        job for every sparse layer over the rows sparse at seq_len + 1.
+        """Step job mode: keep the layer's fence; after the last sparse layer, submit the
+        jobs for every sparse layer over the rows sparse at seq_len + 1.
 
-        Every layer's ``before_attention`` of the next step waits the same Future. Safe:
+        Every layer's ``before_attention`` of the next step waits its job's Future. Safe:
         attention of every layer of this step has run, or the job waits its ``attn_done``
         fence before any scatter (race 5); ``last_q`` of every layer is written (race 6); the
         job reads no shared flags (race 9); one ordered worker (race 8).
@@ -557,9 +583,16 @@ class FreeKVCache:
         if not layers:
             return
         inp = StepJobInputs(*cols, fences=fences)
-        fut = self.recall.submit(lambda: run_step_job(self, layers, inp))
-        for lid in layers:
-            self._jobs[lid] = fut
+        # Two jobs, in order on the one worker: the first third of the layers, then the
+        # rest. The next step's first sparse layers wait only the first; the rest runs under
+        # their compute (a whole job can outlast the gap between steps: float32, batches).
+        # Each layer's state is touched by the engine only after its own job (race 7).
+        cut = max(1, len(layers) // 3)
+        for part in (layers[:cut], layers[cut:]):
+            if part:
+                fut = self.recall.submit(lambda part=part: run_step_job(self, part, inp))
+                for lid in part:
+                    self._jobs[lid] = fut
 
     # ------------------------------------------------------------------ internals
     def _forget_jobs(self, req_row: int) -> None:

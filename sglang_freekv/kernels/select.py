@@ -358,6 +358,16 @@ class CpuScoreWindow:
     def width(self) -> int:
         return self.n * _CHUNK
 
+    def take(self, idx: torch.Tensor) -> CpuScoreWindow:
+        """The window of batch positions ``idx`` (``[b']`` int64): the same pages and
+        chunks (so the same scores: batch invariance), those rows only."""
+        if self.n == 0:
+            return CpuScoreWindow(int(idx.numel()), self.max_pages, 0, 0, self.rows,
+                                  self.keep.index_select(0, idx))
+        rows = self.rows.view(self.bs, -1).index_select(0, idx).reshape(-1)
+        return CpuScoreWindow(int(idx.numel()), self.max_pages, self.a, self.n, rows,
+                              self.keep.index_select(0, idx))
+
 
 def plan_cpu_window(page_table: torch.Tensor, cand_start: torch.Tensor,
                     cand_end: torch.Tensor) -> CpuScoreWindow:

@@ -7,9 +7,12 @@ counters, step after step, through requests joining, sitting out and leaving.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+import sglang_freekv.cache as cache_mod
 from sglang_freekv.cache import FreeKVCache
 from sglang_freekv.config import FreeKVConfig, FreeKVConfigError
 from sglang_freekv.reference import ReferenceDecoder
@@ -67,8 +70,9 @@ def test_step_job_matches_layer_jobs(tau: float | None, q_noise: tuple[float, ..
         d.cache.close()
 
 
-def test_step_job_is_one_future_per_step() -> None:
-    """All sparse layers wait the same job; a step submits exactly one."""
+def test_step_job_is_two_futures_per_step() -> None:
+    """A step submits two jobs: the first third of the sparse layers, then the rest; each
+    layer waits its own."""
     dec = ReferenceDecoder(make_cfg(16, k=3, tau=None), num_layers=4, num_qo_heads=4,
                            num_kv_heads=2, max_len=320)
     rows = [dec.add_request(16 * 9), dec.add_request(16 * 12 + 5)]
@@ -82,12 +86,58 @@ def test_step_job_is_one_future_per_step() -> None:
     dec.cache.recall.submit = count  # type: ignore[method-assign]
     for _ in range(3):
         dec.step(rows)
-    assert len(submitted) == 3
-    assert len({id(f) for f in dec.cache._jobs.values()}) == 1
-    assert set(dec.cache._jobs) == set(dec.cache.sparse_layers)
+    assert len(submitted) == 6
+    jobs = dec.cache._jobs
+    assert set(jobs) == set(dec.cache.sparse_layers)
+    sparse = dec.cache.sparse_layers
+    cut = max(1, len(sparse) // 3)
+    assert len({id(jobs[i]) for i in sparse[:cut]}) == 1
+    assert len({id(jobs[i]) for i in sparse[cut:]}) == 1
+    assert jobs[sparse[0]] is not jobs[sparse[-1]]
     for r in rows:
         dec.remove_request(r)
     assert not dec.cache._jobs and dec.cache.host.used_pages == 0
+
+
+def test_first_layers_wait_only_the_first_job() -> None:
+    """The next step's first sparse layer attends while the second job (the later layers)
+    is still held on the worker; that layer waits it only when it reaches it."""
+    dec = ReferenceDecoder(make_cfg(16, k=3, tau=None), num_layers=6, num_qo_heads=4,
+                           num_kv_heads=2, max_len=320)
+    rows = [dec.add_request(16 * 9), dec.add_request(16 * 12 + 5)]
+    dec.step(rows)
+    dec.cache.wait_jobs()  # the first step's jobs ran unheld
+    sparse = dec.cache.sparse_layers
+    later = sparse[max(1, len(sparse) // 3):]
+    held, release = threading.Event(), threading.Event()
+    run = cache_mod.run_step_job
+
+    def holding(cache, layers, inp):  # type: ignore[no-untyped-def]
+        if layers == later:
+            held.set()
+            assert release.wait(timeout=60), "the second job was never released"
+        run(cache, layers, inp)
+
+    seen: list[tuple[int, bool]] = []
+
+    def on_layer(layer, *args):  # type: ignore[no-untyped-def]
+        if layer in sparse:
+            seen.append((layer, release.is_set()))
+            if layer == sparse[0]:
+                release.set()  # the first layer attended: let the second job finish
+
+    cache_mod.run_step_job = holding  # type: ignore[assignment]
+    try:
+        dec.step(rows)  # submits the held jobs
+        assert held.wait(timeout=60)
+        dec.step(rows, on_layer=on_layer)
+    finally:
+        release.set()
+        cache_mod.run_step_job = run  # type: ignore[assignment]
+    assert seen[0] == (sparse[0], False)  # attended before the second job could finish
+    for r in rows:
+        dec.remove_request(r)
+    dec.cache.close()
 
 
 def test_speculative_job_config() -> None:
@@ -142,7 +192,10 @@ def test_drifting_layers_leave_the_step_job_and_select_with_q_t(
     seen = _run(dec, checker, rows, 12)
     sparse = dec.cache.sparse_layers
     assert seen[0] == sparse and seen[-1] == [], seen  # all in at first, all out at the end
-    assert submitted and all(s == j for s, j in zip(submitted, seen[1:])), (submitted, seen)
+    # each step's jobs (two parts, in layer order) serve exactly that step's job layers
+    flat_jobs = [lid for part in submitted for lid in part]
+    flat_seen = [lid for layers in seen[1:len(seen)] for lid in layers]
+    assert submitted and flat_jobs == flat_seen[:len(flat_jobs)], (submitted, seen)
     assert checker.sparse_checks > 20
     assert dec.cache.stats()["speculative_layers"] == 0
     for r in rows:

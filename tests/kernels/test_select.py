@@ -12,6 +12,9 @@ import torch
 import sglang_freekv.kernels.select as select_mod
 from sglang_freekv.kernels import (
     cpu_score_pages,
+    cpu_select_window,
+    cpu_window_scores,
+    plan_cpu_window,
     ref_page_digest,
     ref_score_pages,
     ref_select_pages,
@@ -176,6 +179,17 @@ def test_cpu_path_is_batch_invariant(dtype: str) -> None:
                                 ce[b:b + 1], h, 0.125, 0.5)
         assert torch.equal(batch[b, :, :n], alone[0]), b
         assert torch.isinf(batch[b, :, n:]).all(), b
+    # a planned window's subset of rows (a CPU correction of some requests) scores and
+    # selects exactly those rows of the full window
+    win = plan_cpu_window(table, cs, ce)
+    full = cpu_window_scores(win, q, digests, h, 0.125, 0.5)
+    idx = torch.tensor([6, 1, 3])
+    sub = win.take(idx)
+    assert torch.equal(cpu_window_scores(sub, q[idx], digests, h, 0.125, 0.5), full[idx])
+    sel, vals = cpu_select_window(sub, q[idx], digests, h, 5, 0.125, 0.5)
+    ref_sel, ref_vals = select_pages(q[idx], digests, table[idx], cs[idx], ce[idx], h, 5,
+                                     impl="cpu", scale=0.125, span_weight=0.5)
+    assert torch.equal(sel, ref_sel) and torch.equal(vals, ref_vals)
 
 
 @pytest.mark.parametrize("group_size", [1, 3], ids=lambda g: f"G{g}")
