@@ -289,7 +289,8 @@ def plot_concurrency(rows: Sequence[Mapping[str, Any]], *, device_memory_gb: flo
 # ---------------------------------------------------------------------------- re-plotting
 def replot(path: Path | str) -> Path:
     """Draw ``<path>.png`` again from a result JSON of bench_decode, bench_recall,
-    bench_select, bench_step_cpu or passkey_sim (e.g. after changing a plot); returns the PNG's path."""
+    bench_select, bench_step_cpu or passkey_sim (e.g. after changing a plot); returns the
+    PNG's path."""
     path = Path(path)
     result = json.loads(path.read_text())
     kind = result.get("benchmark")

@@ -14,10 +14,10 @@ buffers with an in-flight speculative job (race 8).
 
 CPU path: same interface, no staging groups (one gather into per-thread scratch, one
 scatter); async jobs run in order on one worker thread (``ThreadPoolExecutor(max_workers=1)``),
-sync recalls run inline. :meth:`recall_layers`
-copies the blocks of several layers at once (the per-step job): one gather and, when the
-layers' K/V buffers share one storage (the FreeKV pool allocates them so), one scatter per
-K and V for every layer, instead of ~10 ops per layer.
+sync recalls run inline. :meth:`recall_layers` copies the blocks of several layers at once
+(the per-step job): one gather and, when the layers' K/V buffers share one storage (the
+FreeKV pool allocates them so), one scatter per K and V for every layer, instead of ~10 ops
+per layer.
 
 ``_checkpoint(point)`` (a no-op, called at ``"job_start"`` and ``"gathered"``) is where race
 tests hook in from outside to hold a job at a chosen point.
@@ -196,8 +196,8 @@ class FreeKVRecallEngine:
         kbuf, vbuf = self.k_buffers[layer], self.v_buffers[layer]
         if not self.cuda:
             # One gather and one scatter (no staging groups: nothing to overlap on a CPU).
-            buf = self._scratch.get(f"blocks_{mode}", (n, 2, self.pool.page_size, self.pool.head_dim),
-                               self.pool.dtype, self.device)  # [n, 2, P, D]
+            shape = (n, 2, self.pool.page_size, self.pool.head_dim)  # [n, 2, P, D]
+            buf = self._scratch.get(f"blocks_{mode}", shape, self.pool.dtype, self.device)
             torch.index_select(src, 0, flat, out=wide_int_view(buf.view(n, -1)))
             self._checkpoint("gathered")
             if before_scatter is not None:
@@ -243,8 +243,8 @@ class FreeKVRecallEngine:
         # [L * num_pages * H, 2*P*D] HND blocks of every layer as wide integer rows
         src = wide_int_view(pool.kv.view(-1, self.block_numel))
         flat = (layers * pool.num_pages + host_ids) * h + heads  # [n] block ids
-        buf = self._scratch.get("blocks_async", (n, 2, pool.page_size, pool.head_dim), pool.dtype,
-                           self.device)  # [n, 2, P, D]
+        shape = (n, 2, pool.page_size, pool.head_dim)  # [n, 2, P, D]
+        buf = self._scratch.get("blocks_async", shape, pool.dtype, self.device)
         torch.index_select(src, 0, flat, out=wide_int_view(buf.view(n, -1)))
         self._checkpoint("gathered")
         if before_scatter is not None:

@@ -7,7 +7,10 @@ competes with the model for two cores. Here the layers are folded into the batch
 request ``v = i * bj + b`` is layer ``layers[i]`` of job row ``b``. Its page table points
 into the layer's block of the flattened digests (``layer * digest_rows + page``), so one
 ``select_batch`` and one ``residency_diff`` serve every layer, and the host blocks of all
-layers are gathered per layer with the recall engine.
+layers are copied with one gather and one scatter per K/V
+(:meth:`~sglang_freekv.recall.FreeKVRecallEngine.recall_layers`). The cache submits a step's
+layers as two such jobs (the first third, then the rest), so the next step's first layers
+wait only the first.
 
 Same results as one per-layer job per layer with the same inputs: each virtual request is
 scored, selected and diffed exactly as its layer's row would be (the rows are independent).

@@ -399,7 +399,9 @@ def plan_cpu_window(page_table: torch.Tensor, cand_start: torch.Tensor,
         pt = torch.cat([pt, pt.new_full((bs, w - pt.shape[1]), -1)], dim=1)
     keep = pt >= 0  # [bs, w]
     j = torch.arange(a, a + w, device=dev)
-    keep &= (j >= torch.tensor(lo, device=dev)[:, None]) & (j < torch.tensor(hi, device=dev)[:, None])
+    lo_t = torch.tensor(lo, device=dev)[:, None]
+    hi_t = torch.tensor(hi, device=dev)[:, None]
+    keep &= (j >= lo_t) & (j < hi_t)
     return CpuScoreWindow(bs, max_pages, a, n, pt.reshape(-1).clamp(min=0).to(torch.int64),
                           keep)
 
