@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -127,7 +128,7 @@ class FreeKVCache:
         self._window: CpuScoreWindow | None = None
         self._lock = threading.Lock()
         self._stats = {"recall_bytes": 0, "recalled_pages": 0, "checked_heads": 0,
-                       "corrected_heads": 0}
+                       "corrected_heads": 0, "job_wait_ns": 0}
         self.corrections_per_layer = [0] * num_layers
         self.checks_per_layer = [0] * num_layers
         # Step job (CPU): per layer, an average of the share of its checked requests that had
@@ -606,7 +607,11 @@ class FreeKVCache:
             return
         # SYNC: host waits the worker's Future first, so the event below is this job's own
         # record and never a stale one from an earlier step (race 7).
+        t0 = time.perf_counter_ns()
         event = fut.result()
+        waited = time.perf_counter_ns() - t0
+        with self._lock:
+            self._stats["job_wait_ns"] += waited
         if event is not None:
             # STREAM: the compute stream waits the job's copies/scatters on the GPU.
             torch.cuda.current_stream(self.device).wait_event(event)
@@ -671,7 +676,8 @@ class FreeKVCache:
 
     def stats(self) -> dict[str, Any]:
         """Counters: recall_bytes, recalled_pages (page-head blocks), checked_heads,
-        corrected_heads, host_pages_used, and per-layer checks/corrections."""
+        corrected_heads, job_wait_ns (host time the calling threads spent waiting speculative
+        jobs), host_pages_used, and per-layer checks/corrections."""
         with self._lock:
             out: dict[str, Any] = dict(self._stats)
             out["corrections_per_layer"] = list(self.corrections_per_layer)

@@ -52,6 +52,7 @@ FREEKV_METRICS = (
     "sglang:freekv_host_pages_used",
     "sglang:freekv_device_pages_used",
     "sglang:freekv_host_pages_cached",
+    "sglang:freekv_job_wait_seconds_total",
 )
 # Memory a server process needs besides the host tier and /dev/shm (weights on their way to
 # the device, CUDA context, tokenizer): the limit must leave at least this much.

@@ -18,7 +18,11 @@ COUNTERS = {
     "recalled_pages": ("sglang:freekv_recalled_pages", "(page, KV head) blocks recalled"),
     "checked_heads": ("sglang:freekv_checked_heads", "(request, KV head) drift checks"),
     "corrected_heads": ("sglang:freekv_corrected_heads", "(request, KV head) corrections"),
+    "job_wait_ns": ("sglang:freekv_job_wait_seconds",
+                    "Time the engine waited for speculative jobs (host side)"),
 }
+# Counters kept in other units by the serving core: the factor to the exported unit.
+SCALE = {"job_wait_ns": 1e-9}
 GAUGES = {
     "host_pages_used": ("sglang:freekv_host_pages_used",
                         "Host-tier pages held by requests in flight"),
@@ -65,7 +69,7 @@ class FreeKVMetrics:
             value = int(stats[key])
             delta = value - self.last.get(key, 0)
             if delta > 0:
-                counter.inc(delta)
+                counter.inc(delta * SCALE.get(key, 1))
             self.last[key] = value
         usage = serving.usage()
         self.gauges["host_pages_used"].set(usage.host_pages_in_flight)

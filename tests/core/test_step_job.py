@@ -59,6 +59,7 @@ def test_step_job_matches_layer_jobs(tau: float | None, q_noise: tuple[float, ..
         for kl, ks in zip(lay.k_buffers, stp.k_buffers):
             assert torch.equal(kl, ks), f"step {s}: slot contents differ"
     a, b = lay.cache.stats(), stp.cache.stats()
+    a.pop("job_wait_ns"), b.pop("job_wait_ns")  # a timing, the one counter that differs
     assert a == b
     assert a["recalled_pages"] > 0 and checker.sparse_checks > 20
     if tau is not None:
@@ -135,6 +136,42 @@ def test_first_layers_wait_only_the_first_job() -> None:
         release.set()
         cache_mod.run_step_job = run  # type: ignore[assignment]
     assert seen[0] == (sparse[0], False)  # attended before the second job could finish
+    for r in rows:
+        dec.remove_request(r)
+    dec.cache.close()
+
+
+def test_job_wait_counts_the_engine_waiting_a_job() -> None:
+    """``job_wait_ns`` (the ``sglang:freekv_job_wait_seconds`` metric) grows when a layer
+    waits a job that is still running: the jobs are held until the engine is in the wait."""
+    dec = ReferenceDecoder(make_cfg(16, k=3, tau=None), num_layers=4, num_qo_heads=4,
+                           num_kv_heads=2, max_len=320)
+    rows = [dec.add_request(16 * 9), dec.add_request(16 * 12 + 5)]
+    dec.step(rows)
+    dec.cache.wait_jobs()
+    before = dec.cache.stats()["job_wait_ns"]
+    waiting = threading.Event()
+    submit = dec.cache.recall.submit
+
+    def held_submit(fn):  # type: ignore[no-untyped-def]
+        def held():  # type: ignore[no-untyped-def]
+            assert waiting.wait(timeout=60), "the engine never waited the job"
+            return fn()
+
+        fut = submit(held)
+        result = fut.result
+
+        def waited_result(timeout=None):  # type: ignore[no-untyped-def]
+            waiting.set()  # the engine is in the wait: let the job run
+            return result(timeout)
+
+        fut.result = waited_result  # type: ignore[method-assign]
+        return fut
+
+    dec.cache.recall.submit = held_submit  # type: ignore[method-assign]
+    dec.step(rows)  # submits held jobs
+    dec.step(rows)  # its first sparse layer waits one of them
+    assert dec.cache.stats()["job_wait_ns"] > before
     for r in rows:
         dec.remove_request(r)
     dec.cache.close()

@@ -51,6 +51,7 @@ FREEKV_METRICS = (
     "sglang:freekv_device_pages_used",
     "sglang:freekv_host_pages_cached",
     "sglang:freekv_speculative_layers",
+    "sglang:freekv_job_wait_seconds_total",
 )
 START_TIMEOUT_S = 600.0  # two servers starting on a shared 2-core machine
 STOP_TIMEOUT_S = 60.0  # the other node must be gone this long after one node stops
