@@ -196,12 +196,7 @@ class FreeKVRecallEngine:
         kbuf, vbuf = self.k_buffers[layer], self.v_buffers[layer]
         if not self.cuda:
             # One gather and one scatter (no staging groups: nothing to overlap on a CPU).
-            shape = (n, 2, self.pool.page_size, self.pool.head_dim)  # [n, 2, P, D]
-            buf = self._scratch.get(f"blocks_{mode}", shape, self.pool.dtype, self.device)
-            torch.index_select(src, 0, flat, out=wide_int_view(buf.view(n, -1)))
-            self._checkpoint("gathered")
-            if before_scatter is not None:
-                before_scatter.wait()  # SYNC: the slots' previous readers are done (race 5)
+            buf = self._gather_cpu(src, flat, mode, before_scatter)
             _scatter(buf, kbuf, vbuf, dst_loc, heads)
             return None
         return self._recall_cuda(st, src, flat, kbuf, vbuf, heads, dst_loc, before_scatter)
@@ -243,13 +238,21 @@ class FreeKVRecallEngine:
         # [L * num_pages * H, 2*P*D] HND blocks of every layer as wide integer rows
         src = wide_int_view(pool.kv.view(-1, self.block_numel))
         flat = (layers * pool.num_pages + host_ids) * h + heads  # [n] block ids
-        shape = (n, 2, pool.page_size, pool.head_dim)  # [n, 2, P, D]
-        buf = self._scratch.get("blocks_async", shape, pool.dtype, self.device)
+        shared.scatter(self._gather_cpu(src, flat, "async", before_scatter), base, dst_loc,
+                       heads)
+
+    def _gather_cpu(self, src: torch.Tensor, flat: torch.Tensor, mode: str,
+                    before_scatter: Fence | None) -> torch.Tensor:
+        """Rows ``flat`` (``[n]`` int64 block ids) of ``src`` (wide-int HND blocks) into this
+        thread's staging, ``[n, 2, P, D]``; returns once ``before_scatter`` is open."""
+        n = int(flat.numel())
+        shape = (n, 2, self.pool.page_size, self.pool.head_dim)
+        buf = self._scratch.get(f"blocks_{mode}", shape, self.pool.dtype, self.device)
         torch.index_select(src, 0, flat, out=wide_int_view(buf.view(n, -1)))
         self._checkpoint("gathered")
         if before_scatter is not None:
             before_scatter.wait()  # SYNC: the slots' previous readers are done (race 5)
-        shared.scatter(buf, base, dst_loc, heads)
+        return buf
 
     def _recall_cuda(
         self,

@@ -207,6 +207,15 @@ def _check_args(
                       cand_end=cand_end)
 
 
+def _check_score_args(q: torch.Tensor, digests: torch.Tensor, page_table: torch.Tensor,
+                      cand_start: torch.Tensor, cand_end: torch.Tensor, num_kv_heads: int,
+                      scale: float, span_weight: float) -> None:
+    """Every check of a scoring entry point (tensors, scale, span weight)."""
+    _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
+    _check_scale(scale)
+    _check_span_weight(span_weight)
+
+
 def _check_scale(scale: float) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 1e30:
         raise ValueError(f"Invalid value of scale: {scale!r} (must be a finite number > 0)")
@@ -283,9 +292,8 @@ def score_pages(
     ----
     No host sync on the Triton path; graph-capturable on CUDA.
     """
-    _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
-    _check_scale(scale)
-    _check_span_weight(span_weight)
+    _check_score_args(q, digests, page_table, cand_start, cand_end, num_kv_heads, scale,
+                      span_weight)
     if head_mask is not None:
         check_tensor("head_mask", head_mask, shape=(q.shape[0], num_kv_heads), dtype=torch.bool)
         check_same_device("q", q, head_mask=head_mask)
@@ -440,22 +448,6 @@ def cpu_window_scores(
     return _span_boost(probs, span_weight)
 
 
-def cpu_window_top_k(win: CpuScoreWindow, scores: torch.Tensor, top_k: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_top_k` of window scores ``[bs, H, w]`` (:func:`cpu_window_scores`): the
-    same ``(page_indices [bs, H, top_k] int32, page_scores fp32)`` as over the full
-    ``[bs, H, max_pages]`` scores (positions offset by ``win.a``)."""
-    bs, h, w = scores.shape
-    k = min(top_k, w)
-    vals, idx = torch.topk(scores, k, dim=-1)  # [bs, H, k] (sorted, descending)
-    idx = torch.where(vals == float("-inf"), -1, idx + win.a).to(torch.int32)
-    if k < top_k:
-        pad = (bs, h, top_k - k)
-        vals = torch.cat([vals, vals.new_full(pad, float("-inf"))], dim=-1)
-        idx = torch.cat([idx, idx.new_full(pad, -1)], dim=-1)
-    return idx.contiguous(), vals.contiguous()
-
-
 def cpu_select_window(
     win: CpuScoreWindow,
     q: torch.Tensor,
@@ -472,7 +464,7 @@ def cpu_select_window(
         return (torch.full(shape, -1, dtype=torch.int32, device=q.device),
                 torch.full(shape, float("-inf"), device=q.device))
     scores = cpu_window_scores(win, q, digests, num_kv_heads, scale, span_weight)
-    return cpu_window_top_k(win, scores, top_k)
+    return _top_k(scores, top_k, offset=win.a)  # window position i = logical page a + i
 
 
 def cpu_score_pages(
@@ -493,9 +485,8 @@ def cpu_score_pages(
     (:func:`plan_cpu_window`, then :func:`cpu_window_scores`).
     One host read of that window (free on CPU, a sync on CUDA).
     """
-    _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
-    _check_scale(scale)
-    _check_span_weight(span_weight)
+    _check_score_args(q, digests, page_table, cand_start, cand_end, num_kv_heads, scale,
+                      span_weight)
     bs = q.shape[0]
     max_pages = page_table.shape[1]
     out = torch.full((bs, num_kv_heads, max_pages), float("-inf"), device=q.device)
@@ -509,12 +500,14 @@ def cpu_score_pages(
     return out
 
 
-def _top_k(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k over the last dim of ``scores`` [bs, H, max_pages]; ``-inf`` entries -> -1."""
+def _top_k(scores: torch.Tensor, top_k: int, offset: int = 0
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the last dim of ``scores`` [bs, H, max_pages]; ``-inf`` entries -> -1;
+    ``offset`` is added to the page of every other entry (scores of a window of pages)."""
     bs, num_kv_heads, max_pages = scores.shape
     k = min(top_k, max_pages)
     vals, idx = torch.topk(scores, k, dim=-1)  # [bs, H, k] fp32, int64 (sorted, descending)
-    idx = torch.where(vals == float("-inf"), -1, idx).to(torch.int32)  # [bs, H, k] int32
+    idx = torch.where(vals == float("-inf"), -1, idx + offset).to(torch.int32)  # [bs, H, k]
     if k < top_k:
         pad = (bs, num_kv_heads, top_k - k)
         vals = torch.cat([vals, vals.new_full(pad, float("-inf"))], dim=-1)
@@ -556,9 +549,8 @@ def select_pages(
     check_positive_int("top_k", top_k)
     if head_mask is None and resolve_impl_cpu(impl, q) == "cpu":
         # CPU serving path: top-k over the candidate window only (same result)
-        _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
-        _check_scale(scale)
-        _check_span_weight(span_weight)
+        _check_score_args(q, digests, page_table, cand_start, cand_end, num_kv_heads,
+                          scale, span_weight)
         win = plan_cpu_window(page_table, cand_start, cand_end)
         return cpu_select_window(win, q, digests, num_kv_heads, top_k, scale, span_weight)
     scores = score_pages(q, digests, page_table, cand_start, cand_end, num_kv_heads, impl=impl,
@@ -577,9 +569,8 @@ def ref_score_pages(
     span_weight: float = 0.0,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`score_pages` (loops over requests; syncs on CUDA)."""
-    _check_args(q, digests, page_table, cand_start, cand_end, num_kv_heads)
-    _check_scale(scale)
-    _check_span_weight(span_weight)
+    _check_score_args(q, digests, page_table, cand_start, cand_end, num_kv_heads, scale,
+                      span_weight)
     bs, num_qo_heads, head_dim = q.shape
     max_pages = page_table.shape[1]
     group_size = num_qo_heads // num_kv_heads

@@ -349,8 +349,8 @@ class FreeKVServing:
 
     def stats(self) -> dict[str, int]:
         """Counters (recall_bytes, recalled_pages, checked_heads, corrected_heads,
-        job_wait_ns) and host_pages_used. Device step: reads its device counters (a host sync; call it out of
-        the decode step, e.g. once per step from the metrics)."""
+        job_wait_ns) and host_pages_used. Device step: reads its device counters (a host
+        sync; call it out of the decode step, e.g. once per step from the metrics)."""
         out = {k: int(v) for k, v in self.cache.stats().items() if not isinstance(v, list)}
         if self.device_step is not None:
             dev = self.device_step.stats.tolist()  # SYNC: metrics only, out of the step
