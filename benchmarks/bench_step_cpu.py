@@ -7,9 +7,11 @@ MLP 1536, 9 query / 3 KV heads of 64, 30 layers) and an attention stand-in (gath
 SDPA, as SGLang's torch_native decode does per request); after the last layer the LM head
 (vocabulary 49152). Under FreeKV the engine calls the same
 :class:`~sglang_freekv.cache.FreeKVCache` hooks it calls in the server: ``plan_decode``, and
-per layer ``prepare_layer`` + the token's K/V write + ``before_attention`` (wait the
-speculative job, correction) and ``after_attention`` (write-through, job submission), and
-the step job runs on the worker while the next step runs, as in the server.
+per sparse layer ``prepare_layer`` + the token's K/V write into its budget slot +
+``before_attention`` (wait the speculative job, correction), attention over the budget rows
+and ``after_attention`` (write-through, job submission), and the step job runs on the worker
+while the next step runs, as in the server. FreeKV's dense layers (layer 0 by default)
+attend the whole context, as the default policy's layers do.
 
 Configurations (each measured in interleaved rounds, one process):
 
@@ -150,8 +152,8 @@ class Run:
             hooks = time.perf_counter() - t_start
             idx = [plan.kv_indices[a:b].to(torch.int64)
                    for a, b in zip(plan.kv_indptr.tolist(), plan.kv_indptr.tolist()[1:])]
-        else:
-            idx = [dec.req_to_token[r, :n] for r, n in zip(self.rows, n_t.tolist())]
+        # the whole context's rows: the default policy, and FreeKV's dense layers (layer 0)
+        dense_idx = [dec.req_to_token[r, :n] for r, n in zip(self.rows, n_t.tolist())]
         dense_loc = dec.req_to_token[rows_t, n_t - 1]
         x = self.x
         for layer in range(LAYERS):
@@ -163,19 +165,27 @@ class Run:
             k_new = torch.randn(bs, H, D, generator=self.gen).to(self.dtype)
             v_new = torch.randn(bs, H, D, generator=self.gen).to(self.dtype)
             kb, vb = dec.k_buffers[layer], dec.v_buffers[layer]
-            t0 = time.perf_counter()
-            if self.freekv:
+            # As in the server: a FreeKV sparse layer writes the token into its budget slot
+            # and attends the budget rows; a dense layer (and the default policy) writes it
+            # after the context and attends every row.
+            # The hooks' time excludes the token's write (the engine's, in every policy).
+            sparse = self.freekv and cache._is_sparse[layer]
+            if sparse:
+                t0 = time.perf_counter()
                 cache.prepare_layer(layer, plan)
-            kb[dense_loc], vb[dense_loc] = k_new, v_new
-            if self.freekv:
+                t1 = time.perf_counter()
                 kb[plan.token_loc], vb[plan.token_loc] = k_new, v_new
+                t2 = time.perf_counter()
                 cache.before_attention(layer, plan, q)
+                hooks += (t1 - t0) + (time.perf_counter() - t2)
+            else:
+                kb[dense_loc], vb[dense_loc] = k_new, v_new
             t1 = time.perf_counter()
-            o = attention(q, kb, vb, idx, dec.scale)
+            o = attention(q, kb, vb, idx if sparse else dense_idx, dec.scale)
             t2 = time.perf_counter()
-            if self.freekv:
+            if sparse:
                 cache.after_attention(layer, plan, q)
-            hooks += (t1 - t0) + (time.perf_counter() - t2) if self.freekv else 0.0
+                hooks += time.perf_counter() - t2
             attn += t2 - t1
             x = self.model.post_attention(layer, x, o)
         self.model.head(x)
