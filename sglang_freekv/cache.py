@@ -10,9 +10,11 @@ Races of freekv-method.md §8 and how they are closed here:
 after attention; CPU: ``before_scatter.wait()``); (6) the job reads the persistent ``last_q``
 after a q-ready event; (7) ``before_attention`` waits the job's Future *before* its event;
 (8) one ordered worker with its own staging set (the main thread uses another one);
-(9) the head flags are snapshotted per job. Each protection sits behind one small protected
-method (``_scatter_fence``, ``_job_query``, ``_wait_job``, ``_job_head_mask``) that the race
-tests override from outside to show the unprotected variant fails.
+(9) the head flags are snapshotted per job; (10) the plan holds its own copies of the
+engine's row and length tensors, which the engine may rewrite for its next forward while a
+job of this step still reads them. Each protection sits behind one small protected method
+(``_scatter_fence``, ``_job_query``, ``_wait_job``, ``_job_head_mask``, ``_plan_inputs``)
+that the race tests override from outside to show the unprotected variant fails.
 
 Note: not CUDA-graph capturable (host syncs for any(flags) and for recall lists).
 """
@@ -279,13 +281,14 @@ class FreeKVCache:
         (KV device); ``*_cpu`` host copies if available (else copied, a sync). Allocates a
         host page for each page opened by this token (raises FreeKVHostPoolFull).
         """
-        rows_c = (req_rows_cpu if req_rows_cpu is not None else req_rows).to("cpu", torch.int64)
-        n_c = (seq_lens_cpu if seq_lens_cpu is not None else seq_lens).to("cpu", torch.int64)
+        rows_d, lens_d, rows_c, n_c = self._plan_inputs(
+            req_rows, seq_lens,
+            req_rows_cpu if req_rows_cpu is not None else req_rows,
+            seq_lens_cpu if seq_lens_cpu is not None else seq_lens)
         self.t.open_pages(self.host, rows_c, n_c)
         self._step_fences = []  # a step cut short before its last layer leaves none behind
         return build_plan(self.g, rows_c, n_c, self.t.slot_loc_cpu, self.t.host_pages_cpu,
-                          self.t.host_pages, req_rows.to(self.device, torch.int64),
-                          seq_lens.to(self.device, torch.int64), self.device)
+                          self.t.host_pages, rows_d, lens_d, self.device)
 
     def prepare_layer(self, layer: int, plan: FreeKVDecodePlan) -> None:
         """Dense-regime window exit: copy the page leaving the ring into its retrieved slot.
@@ -616,7 +619,21 @@ class FreeKVCache:
             # STREAM: the compute stream waits the job's copies/scatters on the GPU.
             torch.cuda.current_stream(self.device).wait_event(event)
 
-    # The protections of races 5, 6 and 9 (module docstring), one method each.
+    # The protections of races 5, 6, 9 and 10 (module docstring), one method each.
+    def _plan_inputs(self, req_rows: torch.Tensor, seq_lens: torch.Tensor,
+                     req_rows_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plan's own int64 copies of the engine's ``[bs]`` request rows and seq_lens (on
+        the KV device, then on the host), race 10: ``Tensor.to`` returns its input itself when
+        nothing changes (a CPU engine's tensors; CUDA tensors already on the device), and the
+        engine rewrites those tensors for its next forward while a job of this step may still
+        read the plan. On CUDA the device copies are enqueued on the current stream (no sync).
+        """
+        return (req_rows.to(self.device, torch.int64, copy=True),
+                seq_lens.to(self.device, torch.int64, copy=True),
+                req_rows_cpu.to("cpu", torch.int64, copy=True),
+                seq_lens_cpu.to("cpu", torch.int64, copy=True))
+
     def _scatter_fence(self, attn_done: Any) -> Any:
         """The fence the speculative scatter waits (race 5): attention's ``attn_done``."""
         return attn_done

@@ -38,7 +38,8 @@ class StepJobInputs:
 
     ``rows [bj] int64`` request rows, ``page_table [bj, max_pages] int32``, ``slot_loc [bj,
     budget_pages] int64``, ``cand_start``/``cand_end [bj] int32`` (candidates at seq_len + 1).
-    Plan tensors are fresh per step and never written after they are built, so no copies.
+    Plan tensors are fresh per step and never written after they are built (the plan copies
+    the engine's row and length tensors, which the engine reuses: race 10), so no copies.
     ``fences``: the step's ``attn_done`` objects (``.wait()``) of attention still running.
     """
 

@@ -186,8 +186,9 @@ class FreeKVServing:
         self._flush_maps()
         self._note_stream()
         # SYNC: a speculative job of the last decode step may still run on the worker; an
-        # extend (host pages, digests, prefix reads, then activations) never overlaps it
-        # (a decoding request next to a prefill read wrong K/V, docs/design.md).
+        # extend (host pages, digests, prefix reads, then activations) never overlaps its
+        # reads of the host tier. A cheap ordering (the wrong K/V once blamed on the overlap
+        # was race 10, the plan's copies of the engine's tensors: docs/design.md).
         self.cache.wait_jobs()
         rows_l, lens_l, pref_l = list(req_rows), list(seq_lens), list(prefix_lens)
         n_new = int(out_loc.numel())

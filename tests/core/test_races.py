@@ -116,6 +116,10 @@ def _unprotect(dec: ReferenceDecoder, race: int) -> None:
         eng._scratch = _SharedScratch()
     elif race == 9:  # read the shared flags buffer later instead of a snapshot
         cache._job_head_mask = lambda step, pick: (None, step.flags)  # type: ignore[method-assign]
+    elif race == 10:  # the plan aliases the engine's row / length tensors (no copies)
+        cache._plan_inputs = lambda rows, lens, rows_c, lens_c: (  # type: ignore[method-assign]
+            rows.to(cache.device, torch.int64), lens.to(cache.device, torch.int64),
+            rows_c.to("cpu", torch.int64), lens_c.to("cpu", torch.int64))
 
 
 def _run(dec: ReferenceDecoder, steps: int, *, late: bool = False, check: bool = True,
@@ -269,3 +273,49 @@ def test_race9_flags_snapshot_per_job(unsafe: bool) -> None:
             _run(dec, 12, closing=gate)
     else:
         _run(dec, 12, closing=gate)
+
+
+@pytest.mark.parametrize("job", ["layer", "step"])
+@pytest.mark.parametrize("unsafe", [False, True], ids=["protected", "unprotected"])
+def test_race10_plan_owns_the_engines_batch_tensors(unsafe: bool, job: str) -> None:
+    """(10) The engine rewrites its batch tensors (request rows, seq_lens) for its next
+    forward while a speculative job of the last decode step may still be queued: in the
+    server the next forward's rows replaced a decoding request's, and the job selected and
+    recalled for the wrong row (the request's slots no longer held what its residency said;
+    the long-document program's key branch answered a wrong pass key). Forced order: each job
+    starts only after the engine's tensors given to ``plan_decode`` were overwritten (with an
+    unused row and another length); the slots and selections are then checked next step."""
+    dec = _decoder(job=job)
+    cache = dec.cache
+    gate = KeyedGate()
+    hold_jobs(dec, gate)
+    given: list[torch.Tensor] = []
+    plan_decode = cache.plan_decode
+
+    def planning(req_rows: torch.Tensor, seq_lens: torch.Tensor,
+                 seq_lens_cpu: torch.Tensor | None = None,
+                 req_rows_cpu: torch.Tensor | None = None) -> object:
+        given[:] = [t for t in (req_rows, seq_lens, seq_lens_cpu, req_rows_cpu)
+                    if t is not None]
+        return plan_decode(req_rows, seq_lens, seq_lens_cpu, req_rows_cpu)
+
+    cache.plan_decode = planning  # type: ignore[method-assign]
+    step = dec.step
+
+    def step_then_next_forward(*args: object, **kwargs: object) -> object:
+        out = step(*args, **kwargs)  # type: ignore[arg-type]
+        unused = dec.max_reqs - 1
+        for t in given:  # the engine's next batch in the same tensors
+            t.fill_(unused if t.max() < dec.max_reqs else 7)
+        gate.bump("job")
+        return out
+
+    dec.step = step_then_next_forward  # type: ignore[method-assign]
+    if unsafe:
+        _unprotect(dec, 10)
+        # the selection rule (per-layer jobs) or the slots (step job: "K slot != host page")
+        with pytest.raises(AssertionError, match="!="):
+            _run(dec, 8, closing=gate)
+    else:
+        _run(dec, 8, closing=gate)
+

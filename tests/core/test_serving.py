@@ -360,11 +360,12 @@ def test_budget_slots_refuse_double_release() -> None:
 
 
 def test_an_extend_waits_the_speculative_job_of_the_last_decode_step() -> None:
-    """Race: the step job of decode step t runs on the worker; the next forward is an extend
-    of another request (a sibling prefilled next to a decoding request). The extend's planning
-    must start only after that job ended (in the server, overlapping them gave a decoding
-    request wrong K/V). Forced order: the job is held at its start until the extend has either
-    planned (the race) or is waiting the job (the fix)."""
+    """Ordering: the step job of decode step t runs on the worker; the next forward is an
+    extend of another request (a sibling prefilled next to a decoding request). The extend's
+    planning starts only after that job ended, so no extend overlaps a job's host-tier reads
+    (the wrong K/V once blamed on that overlap was race 10, tests/core/test_races.py). Forced
+    order: the job is held at its start until the extend has either planned (no wait) or is
+    waiting the job."""
     e = Engine()
     s = e.serving
     e.prefill([1], [40])  # 10 pages: sparse (budget 5 pages)
