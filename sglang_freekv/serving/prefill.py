@@ -72,7 +72,9 @@ def plan_extend_step(
             f"freekv: the prefill scratch holds {s.scratch_rows} tokens, this forward needs "
             f"{total} (prefixes included); lower --chunked-prefill-size or "
             "--max-prefill-tokens")
-    new_ids = out_loc.to("cpu", torch.int64)
+    # The step's own copy: the engine owns out_loc, and commit_extend reads the ids at the
+    # forward's end (a CPU engine's ``.to`` would return out_loc itself; see race 10).
+    new_ids = out_loc.to("cpu", torch.int64, copy=True)
     tbl = cache.t.host_pages_cpu
     # 1. per request: prefix slots, shared prefix pages, the pages to write
     plans = []
