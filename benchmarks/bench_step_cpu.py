@@ -123,6 +123,8 @@ class Run:
                                     head_dim=D, dtype=dtype, max_reqs=args.batch,
                                     max_len=context + total + 1, seed=0)
         self.rows = [self.dec.add_request(context) for _ in range(args.batch)]
+        # layers FreeKV runs sparse (its dense layers attend the whole context, as default)
+        self.sparse_layers = set(self.dec.cache.sparse_layers) if self.freekv else set()
         self.gen = torch.Generator().manual_seed(1)
         self.base = torch.randn(LAYERS, args.batch, HQ, D, generator=self.gen).to(dtype)
         self.x = torch.randn(args.batch, HIDDEN, generator=self.gen).to(dtype)
@@ -169,7 +171,7 @@ class Run:
             # and attends the budget rows; a dense layer (and the default policy) writes it
             # after the context and attends every row.
             # The hooks' time excludes the token's write (the engine's, in every policy).
-            sparse = self.freekv and cache._is_sparse[layer]
+            sparse = layer in self.sparse_layers
             if sparse:
                 t0 = time.perf_counter()
                 cache.prepare_layer(layer, plan)
